@@ -1,0 +1,45 @@
+# smlrec: two commands on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+OUT ?= runs/backtest-ml100k
+export BENTOML_DO_NOT_TRACK := true
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup run test bench lint fmt clean
+
+setup: $(STAMP)
+
+# torch comes first, pinned (the version read from pyproject.toml, the one place pins live):
+# an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$$(grep -oE 'torch==[0-9.]+' pyproject.toml | head -1)"
+	$(PY) -m pip install -q -e '.[stack,dev]'
+	touch $@
+
+## The main job: fetch MovieLens-100k from the recbole wheel and run the SML backtest.
+run: setup
+	$(VENV)/bin/smlrec data fetch
+	$(VENV)/bin/smlrec backtest --dataset ml-100k --period 7D --methods sml,full,finetune,window,pop --out $(OUT)
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+bench: setup
+	$(PY) benchmarks/backtest.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,33 @@
+"""Device selection: CUDA when present, CPU otherwise, chosen automatically."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def pick_device(preference: str | None = None) -> torch.device:
+    """Return the device to compute on.
+
+    ``preference`` (or the ``SMLREC_DEVICE`` environment variable) may be ``"auto"``
+    (default: CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    Asking for CUDA on a machine without it is an error, not a silent fallback.
+    """
+    pref = (preference or os.environ.get("SMLREC_DEVICE") or "auto").lower()
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(pref)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {pref!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global RNGs and return a CPU generator for sampling."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen

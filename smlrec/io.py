@@ -1,0 +1,107 @@
+"""Saving and loading model state: safetensors weights, JSON metadata, sha256 manifests.
+
+Everything goes through fsspec, so a state directory may be a local folder or an object
+store URI. Files are written to a temporary name and moved into place, so a reader sees
+the old file or the new one, never half of either. Loading verifies checksums before
+anything is deserialised, and weights are read with safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from smlrec.errors import IntegrityError
+
+MANIFEST = "manifest.json"
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_bytes_atomic(url: str, data: bytes) -> str:
+    """Write ``data`` to ``url`` through a temporary sibling and a rename. Returns sha256."""
+    fs, path = _fs(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with fs.open(tmp, "wb") as fh:
+        fh.write(data)
+    fs.mv(tmp, path)
+    return sha256_bytes(data)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = _fs(url)
+    with fs.open(path, "rb") as fh:
+        return fh.read()
+
+
+def write_json_atomic(url: str, obj: Any) -> str:
+    return write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def save_bundle(url: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any],
+                extra_files: dict[str, bytes] | None = None) -> dict[str, str]:
+    """Save a model bundle into the folder ``url``.
+
+    Writes ``weights.safetensors`` (tensors, moved to CPU and made contiguous),
+    ``metadata.json``, any ``extra_files`` (e.g. vocabularies), and last
+    ``manifest.json`` with the sha256 of every file: a bundle without a manifest is
+    incomplete and is never loaded.
+    """
+    base = str(url).rstrip("/")
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    files = {"weights.safetensors": st_save(cpu),
+             "metadata.json": (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()}
+    files.update(extra_files or {})
+    sums = {name: write_bytes_atomic(f"{base}/{name}", data) for name, data in files.items()}
+    write_json_atomic(f"{base}/{MANIFEST}", {"files": sums})
+    return sums
+
+
+def verify_bundle(url: str) -> dict[str, bytes]:
+    """Read every file of a bundle and check it against the manifest. Returns the bytes."""
+    base = str(url).rstrip("/")
+    try:
+        manifest = read_json(f"{base}/{MANIFEST}")
+    except FileNotFoundError as exc:
+        raise IntegrityError(f"{base}: no {MANIFEST}; the bundle is incomplete") from exc
+    out = {}
+    for name, expected in manifest["files"].items():
+        try:
+            data = read_bytes(f"{base}/{name}")
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"{base}/{name}: listed in the manifest but missing") from exc
+        actual = sha256_bytes(data)
+        if actual != expected:
+            raise IntegrityError(f"{base}/{name}: checksum mismatch (expected {expected[:12]}…, "
+                                 f"found {actual[:12]}…); refusing to load")
+        out[name] = data
+    return out
+
+
+def load_bundle(url: str, device: torch.device | str = "cpu"
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, bytes]]:
+    """Load (tensors, metadata, all files' bytes) after verifying every checksum."""
+    files = verify_bundle(url)
+    tensors = {k: v.to(device) for k, v in st_load(files["weights.safetensors"]).items()}
+    return tensors, json.loads(files["metadata.json"]), files

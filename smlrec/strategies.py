@@ -1,0 +1,280 @@
+"""Retraining strategies behind one interface: SML and the ways people retrain today.
+
+Every strategy sees the periods in order. ``start`` receives the pretrained model W_0;
+``update`` receives the history up to and including the newest period D_t and produces
+the model that will serve period t+1 (read with ``weights()`` or ``item_prior()``).
+Tables grow to ``n_users`` / ``n_items`` rows as new ids arrive (see ``smlrec.vocab``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from smlrec.config import LossConfig, MFConfig, SMLConfig
+from smlrec.models import MFWeights, Transfer
+from smlrec.train import fit_identity, sml_learn_theta, sml_learn_what, theta_optimizer, train_mf
+
+
+@dataclass
+class PeriodData:
+    """The positives of one period, as rows of the user and item tables."""
+
+    period: str
+    users: np.ndarray
+    items: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def concat(periods: list[PeriodData]) -> tuple[np.ndarray, np.ndarray]:
+    """All (users, items) of several periods, in order."""
+    if not periods:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return (np.concatenate([p.users for p in periods]),
+            np.concatenate([p.items for p in periods]))
+
+
+class Strategy(ABC):
+    """A way of retraining a recommender each period."""
+
+    name: str = ""
+
+    def __init__(self, loss: LossConfig | None = None, seed: int = 0,
+                 device: torch.device | str = "cpu", progress: bool = False):
+        self.loss = loss or LossConfig()
+        self.seed = seed
+        self.device = torch.device(device)
+        self.progress = progress
+        self.w: MFWeights | None = None
+        self._step = 0
+
+    def start(self, w0: MFWeights) -> None:
+        """Begin from the pretrained model W_0."""
+        self.w = w0.to(self.device)
+
+    @abstractmethod
+    def update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
+        """Retrain after period ``history[-1]`` closed. Returns training figures (losses)."""
+
+    def weights(self) -> MFWeights | None:
+        """The MF model that serves the next period (None for non-MF strategies)."""
+        return self.w
+
+    def item_prior(self) -> Tensor | None:
+        """A user-independent item score vector, for strategies that have one."""
+        return None
+
+    def describe(self) -> dict:
+        """Hyper-parameters, for reports."""
+        return {}
+
+    def _next_seed(self) -> int:
+        self._step += 1
+        return self.seed * 100_003 + self._step
+
+
+class _MFRetrain(Strategy):
+    """Retrain the MF model, warm-started from the current one, on some periods."""
+
+    def __init__(self, mf: MFConfig | None = None, **kw):
+        super().__init__(**kw)
+        self.mf = mf or MFConfig()
+
+    @abstractmethod
+    def training_periods(self, history: list[PeriodData]) -> list[PeriodData]:
+        """The periods this strategy trains on after ``history[-1]`` closed."""
+
+    def update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
+        users, items = concat(self.training_periods(history))
+        w = self.w.grow(n_users, n_items)
+        self.w, losses = train_mf(w, users, items, self.mf, self.loss, self._next_seed(),
+                                  self.device, self.progress, desc=self.name)
+        return {"loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
+                "n_train": int(len(users))}
+
+    def describe(self) -> dict:
+        return {"epochs": self.mf.epochs, "lr": self.mf.lr}
+
+
+class FullRetrain(_MFRetrain):
+    """Train on all periods 0..t, warm-started from the current model."""
+
+    name = "full"
+
+    def training_periods(self, history: list[PeriodData]) -> list[PeriodData]:
+        return history
+
+
+class FineTune(_MFRetrain):
+    """Incremental update: train the current model on the new period D_t only."""
+
+    name = "finetune"
+
+    def training_periods(self, history: list[PeriodData]) -> list[PeriodData]:
+        return history[-1:]
+
+
+class SlidingWindow(_MFRetrain):
+    """Batch update over the last ``window`` periods, warm-started."""
+
+    name = "window"
+
+    def __init__(self, window: int = 3, **kw):
+        super().__init__(**kw)
+        self.window = window
+
+    def training_periods(self, history: list[PeriodData]) -> list[PeriodData]:
+        return history[-self.window:]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "window": self.window}
+
+
+class Popularity(Strategy):
+    """The most popular items of the last period, for everyone: the floor to beat."""
+
+    name = "pop"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.prior: Tensor | None = None
+
+    def start(self, w0: MFWeights) -> None:
+        self.w = None
+
+    def update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
+        counts = np.bincount(history[-1].items, minlength=n_items).astype(np.float32)
+        self.prior = torch.from_numpy(counts).to(self.device)
+        return {}
+
+    def weights(self) -> MFWeights | None:
+        return None
+
+    def item_prior(self) -> Tensor | None:
+        return self.prior
+
+
+class SML(Strategy):
+    """Sequential Meta-Learning: train on the new period only, transfer with f_Θ.
+
+    State carried from period to period: W_{t-1} (``w``), W_{t-2} (``w_prev``), Ŵ_{t-1}
+    (``w_hat_prev``), Θ (``theta``) and Θ's Adam state. For period t (D_t):
+
+    repeat ``outer_steps`` times:
+      step 2: update Θ on D_t with W_{t-2}, Ŵ_{t-1} fixed (how the last transfer would
+              have served D_t), on the rows of D_t that existed at t-1;
+      step 1: learn Ŵ_t on D_t through f_Θ(W_{t-1}, Ŵ_t) with Θ fixed; Ŵ_t starts from
+              W_{t-1}, and from the current transfer output on later repeats;
+    then W_t = f_Θ(W_{t-1}, Ŵ_t) for every row.
+
+    This is Algorithm 1 of the paper written as one step per arriving period, which is
+    what both the offline meta-training and the daily online loop run.
+    """
+
+    name = "sml"
+
+    def __init__(self, sml: SMLConfig | None = None, **kw):
+        super().__init__(**kw)
+        self.cfg = sml or SMLConfig()
+        self.theta: Transfer | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.w_prev: MFWeights | None = None
+        self.w_hat_prev: MFWeights | None = None
+
+    def start(self, w0: MFWeights) -> None:
+        super().start(w0)
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+        self.theta = Transfer(w0.dim).to(self.device)
+        torch.random.set_rng_state(gen_state)
+        if self.cfg.theta_init == "identity":
+            fit_identity(self.theta, self.w, seed=self.seed)
+        self.opt = theta_optimizer(self.theta, self.cfg)
+        # Before the first period there is no Ŵ: the transfer first learns from W_0 itself.
+        self.w_prev = self.w.clone()
+        self.w_hat_prev = self.w.clone()
+
+    def update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
+        d = history[-1]
+        known_users, known_items = self.w_hat_prev.n_users, self.w_hat_prev.n_items
+        old_rows = (d.users < known_users) & (d.items < known_items)
+        gen = torch.Generator().manual_seed(self._next_seed())
+        self.w = self.w.grow(n_users, n_items, gen)
+        self.w_prev = self.w_prev.grow(n_users, n_items, gen)
+        self.w_hat_prev = self.w_hat_prev.grow(n_users, n_items, gen)
+
+        theta_losses, what_losses = [], []
+        w_hat = self.w.clone()
+        for k in range(self.cfg.outer_steps):
+            if old_rows.any():
+                theta_losses += sml_learn_theta(
+                    self.theta, self.opt, self.w_prev, self.w_hat_prev, d.users[old_rows],
+                    d.items[old_rows], self.cfg, self.loss, self._next_seed(), self.device,
+                    self.progress)
+            if k > 0:
+                w_hat = self.theta.apply_all(self.w, w_hat)
+            w_hat, losses = sml_learn_what(self.theta, self.w, w_hat, d.users, d.items,
+                                           self.cfg, self.loss, self._next_seed(), self.device,
+                                           self.progress)
+            what_losses += losses
+        w_new = self.theta.apply_all(self.w, w_hat)
+        self.w_prev, self.w_hat_prev, self.w = self.w, w_hat, w_new
+        return {"theta_loss": _tail_mean(theta_losses), "what_loss": _tail_mean(what_losses),
+                "n_train": int(len(d))}
+
+    def describe(self) -> dict:
+        return {"outer_steps": self.cfg.outer_steps, "theta_init": self.cfg.theta_init}
+
+    def state(self) -> tuple[dict[str, Tensor], dict]:
+        """Everything carried to the next period, as tensors plus JSON-able metadata."""
+        tensors = {}
+        for key, w in (("w", self.w), ("w_prev", self.w_prev), ("w_hat_prev", self.w_hat_prev)):
+            tensors[f"{key}.user"], tensors[f"{key}.item"] = w.user, w.item
+        tensors.update({f"theta.{k}": v for k, v in self.theta.state_dict().items()})
+        opt = self.opt.state_dict()
+        for idx, st in opt["state"].items():
+            tensors.update({f"opt.{idx}.{k}": torch.as_tensor(v) for k, v in st.items()})
+        meta = {"strategy": self.name, "config": self.cfg.model_dump(), "step": self._step,
+                "opt_param_groups": opt["param_groups"]}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Restore what ``state`` returned (the inverse, on this strategy's device)."""
+        t = {k: v.to(self.device) for k, v in tensors.items()}
+        self.w, self.w_prev, self.w_hat_prev = (
+            MFWeights(t[f"{k}.user"], t[f"{k}.item"]) for k in ("w", "w_prev", "w_hat_prev"))
+        self.theta = Transfer(self.w.dim).to(self.device)
+        self.theta.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("theta.")})
+        self.opt = theta_optimizer(self.theta, self.cfg)
+        state: dict[int, dict] = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v.cpu() if name == "step" else v
+        self.opt.load_state_dict({"state": state, "param_groups": meta["opt_param_groups"]})
+        self._step = int(meta["step"])
+
+
+def _tail_mean(values: list[float]) -> float:
+    return float(np.mean(values[-max(1, len(values) // 10):])) if values else float("nan")
+
+
+def pretrain(history: list[PeriodData], n_users: int, n_items: int, mf: MFConfig,
+             loss: LossConfig, seed: int, device: torch.device | str = "cpu",
+             progress: bool = False, dim: int = 64) -> MFWeights:
+    """W_0: an MF model trained from scratch on the pretraining periods."""
+    gen = torch.Generator().manual_seed(seed)
+    w = MFWeights.random(n_users, n_items, dim, gen)
+    users, items = concat(history)
+    w, _ = train_mf(w, users, items, mf, loss, seed, torch.device(device), progress,
+                    desc="pretrain W_0")
+    return w
+
+
+METHODS = {cls.name: cls for cls in (SML, FullRetrain, FineTune, SlidingWindow, Popularity)}

@@ -1,0 +1,232 @@
+"""Training loops: negative sampling, the loss L0, plain MF epochs and SML's two steps.
+
+All loops are seeded and deterministic on CPU. Embedding tables are trained with lazy
+Adam (``torch.optim.SparseAdam``): only the rows present in a batch are touched, so the
+cost of a period scales with the period's data, not with the size of the tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from smlrec.config import LossConfig, MFConfig, SMLConfig
+from smlrec.models import MFWeights, Transfer
+
+
+class NegativeSampler:
+    """Draws one negative item per positive, avoiding the user's positives in the data.
+
+    Candidates are ``pool`` (item rows); with ``weights`` they are drawn in proportion
+    to them (popularity sampling), otherwise uniformly. A drawn item that is one of the
+    user's positives is redrawn (a few rounds; what is left after that is kept, which
+    only happens for users who interacted with most of the pool).
+    """
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, pool: np.ndarray,
+                 weights: np.ndarray | None = None, rounds: int = 5):
+        self.n_key = int(max(pool.max(initial=0), items.max(initial=0))) + 1
+        self.keys = np.unique(users.astype(np.int64) * self.n_key + items)
+        self.pool = pool.astype(np.int64)
+        self.p = None if weights is None else weights / weights.sum()
+        self.rounds = rounds
+
+    def _draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.choice(self.pool, size=n, p=self.p)
+
+    def _is_positive(self, users: np.ndarray, neg: np.ndarray) -> np.ndarray:
+        q = users * self.n_key + neg
+        pos = np.searchsorted(self.keys, q)
+        pos[pos == len(self.keys)] = 0
+        return self.keys[pos] == q if len(self.keys) else np.zeros(len(q), bool)
+
+    def sample(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        neg = self._draw(len(users), rng)
+        for _ in range(self.rounds):
+            bad = np.flatnonzero(self._is_positive(users, neg))
+            if len(bad) == 0:
+                break
+            neg[bad] = self._draw(len(bad), rng)
+        return neg
+
+
+def make_sampler(users: np.ndarray, items: np.ndarray, n_items: int,
+                 cfg: LossConfig) -> NegativeSampler:
+    """The sampler that ``cfg`` asks for, over the data (users, items)."""
+    pool = np.arange(n_items) if cfg.negatives_from == "known" else np.unique(items)
+    weights = None
+    if cfg.negatives == "popularity":
+        counts = np.bincount(items, minlength=n_items).astype(np.float64)
+        weights = counts[pool] + 1.0
+    return NegativeSampler(users, items, pool, weights)
+
+
+def rec_loss(pos: Tensor, neg: Tensor, kind: str) -> Tensor:
+    """L0 over a batch of positive and negative scores."""
+    if kind == "bce":
+        return -(F.logsigmoid(pos).mean() + F.logsigmoid(-neg).mean())
+    if kind == "bpr":
+        return -F.logsigmoid(pos - neg).mean()
+    raise ValueError(f"unknown loss {kind!r} (expected 'bce' or 'bpr')")
+
+
+@dataclass
+class Batch:
+    users: Tensor
+    pos: Tensor
+    neg: Tensor
+
+
+def batches(users: np.ndarray, items: np.ndarray, sampler: NegativeSampler, batch_size: int,
+            epochs: int, seed: int, device: torch.device, desc: str = "",
+            progress: bool = False) -> Iterator[Batch]:
+    """Shuffled mini-batches with fresh negatives each epoch (seeded)."""
+    rng = np.random.default_rng(seed)
+    n = len(users)
+    steps = epochs * ((n + batch_size - 1) // batch_size)
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, unit="batch")
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        u, i = users[order], items[order]
+        neg = sampler.sample(u, rng)
+        tu, ti, tn = (torch.from_numpy(x).to(device) for x in (u, i, neg))
+        for s in range(0, n, batch_size):
+            yield Batch(tu[s:s + batch_size], ti[s:s + batch_size], tn[s:s + batch_size])
+            bar.update()
+    bar.close()
+
+
+def _rows(table: Tensor, idx: Tensor) -> Tensor:
+    """Gather rows with a sparse gradient (for SparseAdam)."""
+    return F.embedding(idx, table, sparse=True)
+
+
+def _run(params_step: Callable[[Batch], Tensor], optimizers: list[torch.optim.Optimizer],
+         it: Iterator[Batch]) -> list[float]:
+    losses = []
+    for batch in it:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss = params_step(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def train_mf(weights: MFWeights, users: np.ndarray, items: np.ndarray, cfg: MFConfig,
+             loss_cfg: LossConfig, seed: int, device: torch.device,
+             progress: bool = False, desc: str = "mf") -> tuple[MFWeights, list[float]]:
+    """Train an MF model (a copy of ``weights``) on positives (users, items)."""
+    user = weights.user.detach().clone().to(device).requires_grad_(True)
+    item = weights.item.detach().clone().to(device).requires_grad_(True)
+    opt = torch.optim.SparseAdam([user, item], lr=cfg.lr)
+    sampler = make_sampler(users, items, weights.n_items, loss_cfg)
+
+    def step(b: Batch) -> Tensor:
+        u, p, n = _rows(user, b.users), _rows(item, b.pos), _rows(item, b.neg)
+        reg = cfg.l2 * (u.pow(2).sum() + p.pow(2).sum() + n.pow(2).sum()) / len(b.users)
+        return rec_loss((u * p).sum(-1), (u * n).sum(-1), loss_cfg.loss) + reg
+
+    losses = _run(step, [opt], batches(users, items, sampler, cfg.batch_size, cfg.epochs, seed,
+                                       device, desc, progress))
+    return MFWeights(user.detach(), item.detach()), losses
+
+
+def _transfer_scores(theta: Transfer, old: MFWeights, new_user: Tensor,
+                     new_items: tuple[Tensor, Tensor], b: Batch) -> tuple[Tensor, Tensor]:
+    """Positive and negative scores of the transferred rows f_Θ(old, new) for a batch."""
+    u = theta.user(old.user[b.users], new_user)
+    p = theta.item(old.item[b.pos], new_items[0])
+    n = theta.item(old.item[b.neg], new_items[1])
+    return (u * p).sum(-1), (u * n).sum(-1)
+
+
+def sml_learn_what(theta: Transfer, w_prev: MFWeights, w_hat: MFWeights, users: np.ndarray,
+                   items: np.ndarray, cfg: SMLConfig, loss_cfg: LossConfig, seed: int,
+                   device: torch.device, progress: bool = False) -> tuple[MFWeights, list[float]]:
+    """SML step 1: learn Ŵ_t on D_t with Θ fixed.
+
+    L_r(Ŵ_t) = L0(f_Θ(W_{t-1}, Ŵ_t) | D_t) + λ1 ||Ŵ_t rows in batch||². The gradient
+    reaches Ŵ_t through the transfer; Θ's parameters are frozen.
+    """
+    user = w_hat.user.detach().clone().to(device).requires_grad_(True)
+    item = w_hat.item.detach().clone().to(device).requires_grad_(True)
+    prev = w_prev.to(device)
+    opt = torch.optim.SparseAdam([user, item], lr=cfg.what_lr)
+    sampler = make_sampler(users, items, w_prev.n_items, loss_cfg)
+    theta.requires_grad_(False)
+
+    def step(b: Batch) -> Tensor:
+        hu, hp, hn = _rows(user, b.users), _rows(item, b.pos), _rows(item, b.neg)
+        pos, neg = _transfer_scores(theta, prev, hu, (hp, hn), b)
+        reg = cfg.what_l2 * (hu.pow(2).sum() + hp.pow(2).sum() + hn.pow(2).sum()) / len(b.users)
+        return rec_loss(pos, neg, loss_cfg.loss) + reg
+
+    try:
+        losses = _run(step, [opt], batches(users, items, sampler, cfg.what_batch_size,
+                                           cfg.what_epochs, seed, device, "sml step 1", progress))
+    finally:
+        theta.requires_grad_(True)
+    return MFWeights(user.detach(), item.detach()), losses
+
+
+def sml_learn_theta(theta: Transfer, opt: torch.optim.Optimizer, w_old: MFWeights,
+                    w_hat: MFWeights, users: np.ndarray, items: np.ndarray, cfg: SMLConfig,
+                    loss_cfg: LossConfig, seed: int, device: torch.device,
+                    progress: bool = False) -> list[float]:
+    """SML step 2: update Θ on new data with W_old and Ŵ fixed.
+
+    L_s(Θ) = L0(f_Θ(W_old, Ŵ) | D) + λ2 ||Θ||² (λ2 is the optimiser's weight decay).
+    In the daily loop, D is D_t, W_old = W_{t-2} and Ŵ = Ŵ_{t-1}: the transfer learns
+    from how well its previous output would have served the period that followed.
+    """
+    old, hat = w_old.to(device), w_hat.to(device)
+    sampler = make_sampler(users, items, w_hat.n_items, loss_cfg)
+
+    def step(b: Batch) -> Tensor:
+        pos, neg = _transfer_scores(theta, old, hat.user[b.users],
+                                    (hat.item[b.pos], hat.item[b.neg]), b)
+        return rec_loss(pos, neg, loss_cfg.loss)
+
+    return _run(step, [opt], batches(users, items, sampler, cfg.theta_batch_size,
+                                     cfg.theta_epochs, seed, device, "sml step 2", progress))
+
+
+def theta_optimizer(theta: Transfer, cfg: SMLConfig) -> torch.optim.Optimizer:
+    """Adam over Θ with λ2 as weight decay (carried across periods with Θ)."""
+    return torch.optim.Adam(theta.parameters(), lr=cfg.theta_lr,
+                            weight_decay=cfg.theta_weight_decay)
+
+
+def fit_identity(theta: Transfer, w0: MFWeights, seed: int, steps: int = 300,
+                 batch_size: int = 1024, lr: float = 1e-3, noise: float = 0.5) -> float:
+    """Fit Θ so that f_Θ(a, b) ≈ b, with a a row of W_0 and b a perturbed copy of it.
+
+    A starting point for meta-training: the transfer first behaves like fine-tuning
+    (keep what the new period taught), and meta-learning moves it from there. Returns
+    the final mean squared error.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    loss = torch.tensor(float("nan"))
+    for net, table in ((theta.user, w0.user), (theta.item, w0.item)):
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        scale = table.std().item()
+        for _ in range(steps):
+            idx = torch.randint(len(table), (batch_size,), generator=gen)
+            a = table[idx]
+            b = a + noise * scale * torch.randn(a.shape, generator=gen).to(a.device)
+            loss = F.mse_loss(net(a, b), b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return float(loss)
