@@ -21,6 +21,13 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 
 
+@app.callback()
+def _setup() -> None:
+    from smlrec.device import configure_threads
+
+    configure_threads()
+
+
 @app.command()
 @reports_errors
 def backtest(

@@ -31,3 +31,15 @@ def seed_everything(seed: int) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(seed)
     return gen
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Set torch's intra-op CPU threads: ``n``, else ``$SMLREC_THREADS``, else 1.
+
+    The models here run many small kernels (batches of a few hundred rows); on a small,
+    shared machine extra OpenMP threads spin against each other and were measured 10-40x
+    slower than one thread. Large ranking products still vectorise within one thread.
+    """
+    n = n or int(os.environ.get("SMLREC_THREADS", "1"))
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()

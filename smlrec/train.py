@@ -25,8 +25,9 @@ class NegativeSampler:
 
     Candidates are ``pool`` (item rows); with ``weights`` they are drawn in proportion
     to them (popularity sampling), otherwise uniformly. A drawn item that is one of the
-    user's positives is redrawn (a few rounds; what is left after that is kept, which
-    only happens for users who interacted with most of the pool).
+    user's positives is redrawn a few times; what is still a positive after that (users
+    who interacted with much of the pool) is drawn from the user's own complement. A user
+    who interacted with every item of the pool keeps a positive as "negative".
     """
 
     def __init__(self, users: np.ndarray, items: np.ndarray, pool: np.ndarray,
@@ -53,6 +54,13 @@ class NegativeSampler:
             if len(bad) == 0:
                 break
             neg[bad] = self._draw(len(bad), rng)
+        else:
+            for j in np.flatnonzero(self._is_positive(users, neg)):
+                seen = self.keys[np.searchsorted(self.keys, users[j] * self.n_key):
+                                 np.searchsorted(self.keys, (users[j] + 1) * self.n_key)]
+                allowed = np.setdiff1d(self.pool, seen % self.n_key, assume_unique=False)
+                if len(allowed):
+                    neg[j] = rng.choice(allowed)
         return neg
 
 

@@ -8,6 +8,9 @@ import pytest
 
 from smlrec.data import default_cache_dir
 from smlrec.data.movielens import fetch_movielens_100k
+from smlrec.device import configure_threads
+
+configure_threads()
 
 
 @pytest.fixture(scope="session")
