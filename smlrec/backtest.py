@@ -72,7 +72,8 @@ class Split(_Config):
 
 # Candidate hyper-parameters per method. Chosen by validation NDCG@20 only.
 DEFAULT_GRIDS: dict[str, list[dict]] = {
-    "sml": [{"outer_steps": 1}, {"outer_steps": 3}],
+    "sml": [{"outer_steps": 1}, {"outer_steps": 3},
+            {"outer_steps": 3, "schedule": "official"}],
     "full": [{"epochs": 1}, {"epochs": 5}, {"epochs": 20}],
     "finetune": [{"epochs": 1}, {"epochs": 5}, {"epochs": 20}],
     "window": [{"window": 3, "epochs": 5}, {"window": 3, "epochs": 20}],
@@ -93,6 +94,9 @@ class BacktestConfig(_Config):
     sml: SMLConfig = Field(default_factory=SMLConfig)
     ks: tuple[int, ...] = (5, 10, 20)
     n_negatives: int = Field(999, ge=1, description="Negatives per positive, sampled protocol.")
+    sampled_max_positives: int = Field(
+        5000, ge=1, description="Sampled protocol: at most this many test positives per period "
+        "(a seeded uniform subsample; the full-ranking metrics always use every positive).")
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -138,8 +142,12 @@ def index_periods(frame: pd.DataFrame) -> IndexedPeriods:
 
 
 def evaluate(strategy: Strategy, test: PeriodData, history: list[PeriodData], n_users: int,
-             n_items: int, cfg: BacktestConfig, seed: int) -> dict[str, float]:
-    """Metrics of ``strategy``'s current model on period ``test`` (known users and items)."""
+             n_items: int, cfg: BacktestConfig, seed: int, sampled: bool = True
+             ) -> dict[str, float]:
+    """Metrics of ``strategy``'s current model on period ``test`` (known users and items).
+
+    Full ranking always; the sampled protocol (and AUC) only when ``sampled``.
+    """
     keep = (test.users < n_users) & (test.items < n_items)
     tu, ti = test.users[keep], test.items[keep]
     hu, hi = concat(history)
@@ -152,12 +160,16 @@ def evaluate(strategy: Strategy, test: PeriodData, history: list[PeriodData], n_
         pair = metrics.popularity_pair_scorer(prior[:n_items])
     else:
         raise RuntimeError(f"strategy {strategy.name} has no model yet")
-    full = metrics.full_ranking(scorer, tu, ti, n_items, hu, hi, ks=cfg.ks)
-    sampled = metrics.sampled_ranking(pair, tu, ti, n_items, hu, hi,
+    out = metrics.full_ranking(scorer, tu, ti, n_items, hu, hi, ks=cfg.ks)
+    if sampled:
+        if len(tu) > cfg.sampled_max_positives:
+            pick = np.random.default_rng(seed).choice(len(tu), cfg.sampled_max_positives,
+                                                      replace=False)
+            tu, ti = tu[pick], ti[pick]
+        res = metrics.sampled_ranking(pair, tu, ti, n_items, hu, hi,
                                       n_negatives=cfg.n_negatives, ks=(20,), seed=seed)
-    out = dict(full)
-    out.update({f"sampled_{k}": v for k, v in sampled.items() if not k.startswith("n_")})
-    out["auc"] = out.pop("sampled_auc")
+        out.update({f"sampled_{k}": v for k, v in res.items() if not k.startswith("n_")})
+        out["auc"] = out.pop("sampled_auc")
     return out
 
 
@@ -199,7 +211,8 @@ def run_backtest(frame: pd.DataFrame, cfg: BacktestConfig,
                    "period": data.periods[t].period, "t": t, "phase": split.phase(t)}
             if t > p:  # models after period t-1 exist from here on
                 row.update(evaluate(s, data.periods[t], history[:-1], nu_prev, ni_prev, cfg,
-                                    seed=cfg.seed * 7919 + t))
+                                    seed=cfg.seed * 7919 + t,
+                                    sampled=row["phase"] in ("val", "test")))
             start = time.perf_counter()
             row.update(s.update(history, data.n_users_after[t], data.n_items_after[t]))
             row["train_seconds"] = time.perf_counter() - start

@@ -53,3 +53,8 @@ class SMLConfig(_Config):
         "random", description="random: PyTorch's default initialisation of Θ (the paper); "
         "identity: before meta-training, fit Θ so that f_Θ(a, b) ≈ b on rows of W_0, so the "
         "transfer starts as plain fine-tuning and meta-learning improves on it.")
+    schedule: Literal["per_period", "official"] = Field(
+        "per_period", description="per_period: outer_steps x (step 2 on D_t with W_{t-2}, "
+        "Ŵ_{t-1}; step 1 for Ŵ_t). official: the official code's order, per period: "
+        "outer_steps x (step 2 on D_t; step 1 re-learns Ŵ_{t-1} on D_{t-1}), then W_{t-1} = "
+        "f_Θ(W_{t-2}, Ŵ_{t-1}) with the updated Θ, then one round of step 1 for Ŵ_t.")

@@ -174,7 +174,10 @@ class SML(Strategy):
     then W_t = f_Θ(W_{t-1}, Ŵ_t) for every row.
 
     This is Algorithm 1 of the paper written as one step per arriving period, which is
-    what both the offline meta-training and the daily online loop run.
+    what both the offline meta-training and the daily online loop run. ``schedule=
+    "official"`` follows the official code's order instead: the extra outer steps re-learn
+    Ŵ_{t-1} on D_{t-1} between updates of Θ, W_{t-1} is recomputed with the updated Θ,
+    and Ŵ_t gets one round of step 1.
     """
 
     name = "sml"
@@ -186,6 +189,7 @@ class SML(Strategy):
         self.opt: torch.optim.Optimizer | None = None
         self.w_prev: MFWeights | None = None
         self.w_hat_prev: MFWeights | None = None
+        self.periods_seen = 0
 
     def start(self, w0: MFWeights) -> None:
         super().start(w0)
@@ -208,28 +212,47 @@ class SML(Strategy):
         self.w = self.w.grow(n_users, n_items, gen)
         self.w_prev = self.w_prev.grow(n_users, n_items, gen)
         self.w_hat_prev = self.w_hat_prev.grow(n_users, n_items, gen)
+        self._theta_losses, self._what_losses = [], []
 
-        theta_losses, what_losses = [], []
-        w_hat = self.w.clone()
-        for k in range(self.cfg.outer_steps):
+        def meta_update() -> None:  # step 2 on D_t with W_{t-2}, Ŵ_{t-1} fixed
             if old_rows.any():
-                theta_losses += sml_learn_theta(
+                self._theta_losses += sml_learn_theta(
                     self.theta, self.opt, self.w_prev, self.w_hat_prev, d.users[old_rows],
                     d.items[old_rows], self.cfg, self.loss, self._next_seed(), self.device,
                     self.progress)
-            if k > 0:
-                w_hat = self.theta.apply_all(self.w, w_hat)
-            w_hat, losses = sml_learn_what(self.theta, self.w, w_hat, d.users, d.items,
-                                           self.cfg, self.loss, self._next_seed(), self.device,
-                                           self.progress)
-            what_losses += losses
+
+        if self.cfg.schedule == "official":
+            prev_d = history[-2] if len(history) > 1 and self.periods_seen else None
+            for k in range(self.cfg.outer_steps):
+                meta_update()
+                if prev_d is not None and k < self.cfg.outer_steps - 1:
+                    start = self.theta.apply_all(self.w_prev, self.w_hat_prev)
+                    self.w_hat_prev = self._learn_what(self.w_prev, start, prev_d)
+            if self.periods_seen:
+                self.w = self.theta.apply_all(self.w_prev, self.w_hat_prev)
+            w_hat = self._learn_what(self.w, self.w.clone(), d)
+        else:
+            w_hat = self.w.clone()
+            for k in range(self.cfg.outer_steps):
+                meta_update()
+                if k > 0:
+                    w_hat = self.theta.apply_all(self.w, w_hat)
+                w_hat = self._learn_what(self.w, w_hat, d)
         w_new = self.theta.apply_all(self.w, w_hat)
         self.w_prev, self.w_hat_prev, self.w = self.w, w_hat, w_new
-        return {"theta_loss": _tail_mean(theta_losses), "what_loss": _tail_mean(what_losses),
-                "n_train": int(len(d))}
+        self.periods_seen += 1
+        return {"theta_loss": _tail_mean(self._theta_losses),
+                "what_loss": _tail_mean(self._what_losses), "n_train": int(len(d))}
+
+    def _learn_what(self, w_old: MFWeights, start: MFWeights, d: PeriodData) -> MFWeights:
+        """Step 1 on ``d`` through f_Θ(w_old, ·), from ``start``."""
+        w_hat, losses = sml_learn_what(self.theta, w_old, start, d.users, d.items, self.cfg,
+                                       self.loss, self._next_seed(), self.device, self.progress)
+        self._what_losses += losses
+        return w_hat
 
     def describe(self) -> dict:
-        return {"outer_steps": self.cfg.outer_steps, "theta_init": self.cfg.theta_init}
+        return {"outer_steps": self.cfg.outer_steps, "schedule": self.cfg.schedule}
 
     def state(self) -> tuple[dict[str, Tensor], dict]:
         """Everything carried to the next period, as tensors plus JSON-able metadata."""
@@ -241,7 +264,7 @@ class SML(Strategy):
         for idx, st in opt["state"].items():
             tensors.update({f"opt.{idx}.{k}": torch.as_tensor(v) for k, v in st.items()})
         meta = {"strategy": self.name, "config": self.cfg.model_dump(), "step": self._step,
-                "opt_param_groups": opt["param_groups"]}
+                "periods_seen": self.periods_seen, "opt_param_groups": opt["param_groups"]}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
@@ -259,6 +282,7 @@ class SML(Strategy):
                 state.setdefault(int(idx), {})[name] = v.cpu() if name == "step" else v
         self.opt.load_state_dict({"state": state, "param_groups": meta["opt_param_groups"]})
         self._step = int(meta["step"])
+        self.periods_seen = int(meta["periods_seen"])
 
 
 def _tail_mean(values: list[float]) -> float:

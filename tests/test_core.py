@@ -178,11 +178,13 @@ def _run(strategy, periods, w0, n_users=30, n_items=20):
     return strategy
 
 
-@pytest.mark.parametrize("cls", [SML, FullRetrain, FineTune, SlidingWindow])
-def test_strategies_are_deterministic_on_cpu(cls):
+@pytest.mark.parametrize("cls, kw", [
+    (SML, {"sml": SMLConfig(outer_steps=2)}),
+    (SML, {"sml": SMLConfig(outer_steps=2, schedule="official")}),
+    (FullRetrain, {}), (FineTune, {}), (SlidingWindow, {})])
+def test_strategies_are_deterministic_on_cpu(cls, kw):
     periods = _toy_periods()
     w0 = pretrain(periods[:1], 30, 20, MFConfig(epochs=2), LossConfig(), seed=0, dim=8)
-    kw = {"sml": SMLConfig(outer_steps=2)} if cls is SML else {}
     a = _run(cls(seed=3, **kw), periods, w0).weights()
     b = _run(cls(seed=3, **kw), periods, w0).weights()
     c = _run(cls(seed=4, **kw), periods, w0).weights()

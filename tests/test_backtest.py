@@ -1,0 +1,134 @@
+"""The backtest protocol: splits, vocabularies, no peeking, selection on validation only."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from smlrec import backtest as bt
+from smlrec.cli import app
+from smlrec.data.synthetic import generate_stream, write_synthetic
+from smlrec.schema import ITEM, PERIOD, TS, USER
+from smlrec.strategies import Popularity
+
+
+def test_default_split_is_the_movielens_split_and_scales():
+    s = bt.Split.default(32)
+    assert (s.pretrain, s.meta, s.val, s.test) == (10, 12, 3, 7)
+    assert [s.phase(t) for t in (0, 9, 10, 21, 22, 24, 25, 31)] == [
+        "pretrain", "pretrain", "meta", "meta", "val", "val", "test", "test"]
+    for n in (6, 10, 24, 100):
+        s = bt.Split.default(n)
+        assert s.pretrain + s.meta + s.val + s.test == n and min(s.model_dump().values()) >= 1
+    with pytest.raises(ValueError, match="at least 6 periods"):
+        bt.Split.default(5)
+
+
+def _frame(rows):
+    df = pd.DataFrame(rows, columns=[USER, ITEM, PERIOD])
+    df[TS] = pd.to_datetime(df[PERIOD], utc=True)
+    return df
+
+
+def test_index_periods_grows_vocabularies_in_time_order():
+    df = _frame([("a", "x", "2024-01-01"), ("b", "y", "2024-01-01"),
+                 ("c", "x", "2024-01-02"), ("a", "z", "2024-01-02")])
+    data = bt.index_periods(df)
+    assert data.n_users_after == [2, 3] and data.n_items_after == [2, 3]
+    assert data.periods[1].users.tolist() == [2, 0]
+    assert data.periods[1].items.tolist() == [0, 2]
+
+
+def test_each_period_is_tested_with_the_model_of_the_period_before(monkeypatch):
+    seen_at_eval = []
+
+    class Recorder(Popularity):
+        def update(self, history, n_users, n_items):
+            self.last = history[-1].period
+            return super().update(history, n_users, n_items)
+
+        def item_prior(self):
+            seen_at_eval.append(self.last)
+            return super().item_prior()
+
+    monkeypatch.setattr(bt, "build_strategy", lambda *a: Recorder())
+    days = [f"2024-01-0{t + 1}" for t in range(8)]
+    rows = [("seed", f"i{i}", days[0]) for i in range(16)]  # every item known from day 0
+    rows += [(f"u{u}", f"i{(3 * u + t) % 16}", day) for t, day in enumerate(days) for u in range(6)]
+    cfg = bt.BacktestConfig(methods=["pop"], split=bt.Split(pretrain=2, meta=2, val=2, test=2),
+                            progress=False)
+    res = bt.run_backtest(_frame(rows), cfg, log=lambda _: None)
+    evaluated = res.dropna(subset=["ndcg@20"])
+    assert evaluated["period"].tolist() == days[3:]
+    assert seen_at_eval == days[2:-1]  # period t was scored by the model after t-1
+
+
+def test_selection_uses_validation_periods_only():
+    rows = []
+    for cid, (val, test) in enumerate([(0.3, 0.1), (0.2, 0.9)]):
+        rows += [{"method": "m", "config": cid, "params": "{}", "phase": "val",
+                  "ndcg@20": val, "n_interactions": 10, "train_seconds": 1.0},
+                 {"method": "m", "config": cid, "params": "{}", "phase": "test",
+                  "ndcg@20": test, "n_interactions": 10, "train_seconds": 1.0}]
+    assert bt.select_configs(pd.DataFrame(rows)) == {"m": 0}
+
+
+@pytest.fixture(scope="module")
+def small_stream(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    write_synthetic(str(root), n_users=300, n_items=120, n_periods=8,
+                    interactions_per_period=1500, returning_share=0.7, drift=0.2, seed=1)
+    return root
+
+
+def test_backtest_cli_writes_csv_chart_and_summary(small_stream, tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"sml": [{"outer_steps": 1}], "full": [{"epochs": 1}],
+                                "finetune": [{"epochs": 1}, {"epochs": 2}],
+                                "window": [{"window": 2, "epochs": 1}], "pop": [{}]}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["backtest", "--dataset", "synthetic", "--data-root",
+                                      str(small_stream), "--out", str(out), "--grid", str(grid),
+                                      "--pretrain-epochs", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "synthetic"
+    assert set(summary["methods"]) == {"sml", "full", "finetune", "window", "pop"}
+    for m in summary["methods"].values():
+        for key in ("ndcg@20", "recall@20", "auc", "train_seconds_last_period"):
+            assert np.isfinite(m[key])
+        assert 0 <= m["ndcg@20"] <= 1 and 0 <= m["auc"] <= 1
+    assert summary["methods"]["pop"]["train_seconds_last_period"] < 1
+    per = pd.read_csv(out / "per_period.csv")
+    assert set(per["phase"]) == {"meta", "val", "test"}
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "SML NDCG@20 / best baseline" in result.output
+
+
+def test_backtest_cli_reports_bad_arguments_clearly(small_stream, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["backtest", "--data-root", str(tmp_path / "nothing"),
+                            "--no-progress"])
+    assert r.exit_code == 2 and "error:" in r.output
+    r = runner.invoke(app, ["backtest", "--data-root", str(small_stream), "--methods",
+                            "sml,magic", "--no-progress"])
+    assert r.exit_code == 2 and "magic" in r.output
+    r = runner.invoke(app, ["backtest", "--data-root", str(small_stream), "--period", "7D",
+                            "--no-progress"])
+    assert r.exit_code == 2 and "7D" in r.output
+
+
+def test_synthetic_stream_is_learnable_by_sml_and_baselines(small_stream):
+    frame = generate_stream(n_users=300, n_items=120, n_periods=8,
+                            interactions_per_period=1500, returning_share=0.7, drift=0.2, seed=1)
+    cfg = bt.BacktestConfig(methods=["sml", "pop"], grids={"sml": [{"outer_steps": 1}],
+                                                           "pop": [{}]},
+                            pretrain_epochs=3, progress=False)
+    res = bt.run_backtest(frame, cfg, log=lambda _: None)
+    test = res[res["phase"] == "test"]
+    assert test["ndcg@20"].notna().all()
+    assert (test["auc"] > 0.5).all()  # better than chance on every test period
