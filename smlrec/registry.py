@@ -1,0 +1,207 @@
+"""The state store: everything that outlives one daily run, addressed by one URI.
+
+Layout (``state_uri`` is a local folder or any fsspec URL)::
+
+    <state_uri>/
+      periods/<period_id>/        a bundle: weights.safetensors, metadata.json,
+                                  vocab_users.json, vocab_items.json, manifest.json
+      pointers/production.json    which period serves; written atomically
+      pointers/candidate.json     the newest W_t, not yet tested on the next period
+      decisions.jsonl             every gate decision, in order (append-only)
+      LOCK                        held by the run in progress
+
+A bundle is complete only once its manifest (written last, with the sha256 of every
+file) exists; every load verifies the checksums. Pointers and the decision log are
+replaced through a temporary file and a rename, so a crash leaves the old state or the
+new one. Period ids are checked, so a parameter can never address a path outside the
+store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import fsspec
+import torch
+
+from smlrec.errors import IntegrityError, SmlrecError
+from smlrec.io import (
+    load_bundle,
+    read_bytes,
+    read_json,
+    save_bundle,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from smlrec.vocab import Vocab
+
+PERIOD_ID = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+POINTERS = ("production", "candidate")
+
+
+class StateLockedError(SmlrecError):
+    """Another run holds the state store's lock."""
+
+
+def check_period_id(period_id: str) -> str:
+    """Period ids are dates, YYYY-MM-DD; anything else (``../x``, ``a/b``) is refused."""
+    if not isinstance(period_id, str) or not PERIOD_ID.match(period_id):
+        raise SmlrecError(f"invalid period id {period_id!r}: expected YYYY-MM-DD")
+    return period_id
+
+
+class StateStore:
+    """Reads and writes the state of the daily pipeline under ``uri``."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri).rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+
+    # ---------------------------------------------------------------- bundles
+
+    def period_uri(self, period_id: str) -> str:
+        return f"{self.uri}/periods/{check_period_id(period_id)}"
+
+    def save_period(self, period_id: str, tensors: dict[str, torch.Tensor],
+                    metadata: dict[str, Any], users: Vocab, items: Vocab) -> dict[str, str]:
+        """Write the bundle of ``period_id`` (replacing an incomplete or older one)."""
+        url = self.period_uri(period_id)
+        manifest = f"{self.root}/periods/{period_id}/manifest.json"
+        if self.fs.exists(manifest):
+            self.fs.rm(manifest)  # the bundle is incomplete until its new manifest lands
+        return save_bundle(url, tensors, {**metadata, "period": period_id},
+                           {"vocab_users.json": users.to_json().encode(),
+                            "vocab_items.json": items.to_json().encode()})
+
+    def load_period(self, period_id: str, device: torch.device | str = "cpu"
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], Vocab, Vocab]:
+        """Load a bundle after verifying every checksum (IntegrityError otherwise)."""
+        tensors, meta, files = load_bundle(self.period_uri(period_id), device)
+        return (tensors, meta, Vocab.from_json(files["vocab_users.json"].decode()),
+                Vocab.from_json(files["vocab_items.json"].decode()))
+
+    def has_period(self, period_id: str) -> bool:
+        """Whether a complete bundle (one with a manifest) exists for ``period_id``."""
+        return bool(self.fs.exists(f"{self.root}/periods/{check_period_id(period_id)}"
+                                   "/manifest.json"))
+
+    def periods(self) -> list[str]:
+        """Period ids with a complete bundle, oldest first."""
+        base = f"{self.root}/periods"
+        if not self.fs.exists(base):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+        return sorted(n for n in names if PERIOD_ID.match(n) and self.has_period(n))
+
+    # ---------------------------------------------------------------- pointers
+
+    def set_pointer(self, name: str, period_id: str | None, **info: Any) -> None:
+        """Point ``production`` or ``candidate`` at a complete bundle (None clears it)."""
+        if name not in POINTERS:
+            raise ValueError(f"unknown pointer {name!r}")
+        if period_id is not None and not self.has_period(period_id):
+            raise IntegrityError(f"cannot point {name} at {period_id}: no complete bundle")
+        write_json_atomic(f"{self.uri}/pointers/{name}.json",
+                          {"period": period_id, "updated_at": _now(), **info})
+
+    def get_pointer(self, name: str) -> str | None:
+        """The period a pointer names, or None when it was never set."""
+        try:
+            return read_json(f"{self.uri}/pointers/{name}.json")["period"]
+        except FileNotFoundError:
+            return None
+
+    # ---------------------------------------------------------------- decisions
+
+    def append_decision(self, record: dict[str, Any]) -> None:
+        """Append one record to decisions.jsonl (rewritten atomically; runs are serialised
+        by the lock, so no append is lost)."""
+        url = f"{self.uri}/decisions.jsonl"
+        try:
+            old = read_bytes(url)
+        except FileNotFoundError:
+            old = b""
+        line = json.dumps({"recorded_at": _now(), **record}, sort_keys=True, default=str)
+        write_bytes_atomic(url, old + line.encode() + b"\n")
+
+    def decisions(self) -> list[dict[str, Any]]:
+        try:
+            text = read_bytes(f"{self.uri}/decisions.jsonl").decode()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    # ---------------------------------------------------------------- lock
+
+    @contextmanager
+    def lock(self, owner: str = "") -> Iterator[None]:
+        """Hold the store's lock for one run; a second run is refused with a clear error.
+
+        On a local store the lock file is created exclusively (O_EXCL). A lock left by a
+        process that no longer runs on this host is taken over; any other lock is
+        reported with who holds it and since when.
+        """
+        path = f"{self.root}/LOCK"
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(),
+                "owner": owner}
+        self.fs.makedirs(self.root, exist_ok=True)
+        if not self._try_create(path, info):
+            held = self._read_lock(path)
+            if held and held.get("host") == info["host"] and not _alive(held.get("pid")):
+                self.fs.rm(path)
+                if not self._try_create(path, info):
+                    raise StateLockedError(f"{self.uri} is locked by another run")
+            else:
+                raise StateLockedError(
+                    f"{self.uri} is locked by another run ({held}); wait for it to finish, "
+                    f"or delete {path} if that run is known to be dead")
+        try:
+            yield
+        finally:
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+    def _try_create(self, path: str, info: dict) -> bool:
+        data = json.dumps(info).encode()
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        if "file" in protocols:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return True
+        if self.fs.exists(path):  # object stores: best effort (no atomic create)
+            return False
+        with self.fs.open(path, "wb") as fh:
+            fh.write(data)
+        return True
+
+    def _read_lock(self, path: str) -> dict | None:
+        try:
+            with self.fs.open(path, "rb") as fh:
+                return json.loads(fh.read() or b"{}")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
