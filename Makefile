@@ -1,5 +1,8 @@
 # smlrec: two commands on a fresh machine: `make run` and `make test`.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip warns about every index folder of this machine's local mirrors; keep the log readable.
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,9 +19,10 @@ setup: $(STAMP)
 # an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$$(grep -oE 'torch==[0-9.]+' pyproject.toml | head -1)"
-	$(PY) -m pip install -q -e '.[stack,dev]'
+	$(PY) -m pip install -q --upgrade pip $(QUIET_PIP)
+	$(PY) -m pip install -q "$$(grep -oE 'torch==[0-9.]+' pyproject.toml | head -1)" $(QUIET_PIP)
+	$(PY) -m pip install -q -e '.[stack,dev]' $(QUIET_PIP)
+	$(PY) -c "import torch, smlrec; print('smlrec ready, torch', torch.__version__)"
 	touch $@
 
 ## The main job: fetch MovieLens-100k from the recbole wheel and run the SML backtest.

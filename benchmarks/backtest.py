@@ -117,7 +117,47 @@ def main() -> None:
         print(f"  {name:<10} quality {r.get('ndcg_ratio_vs_best_baseline', float('nan')):.3f} "
               f"(best baseline: {r.get('best_baseline')}), "
               f"time {r.get('time_ratio_vs_full', float('nan')):.3f}")
-    print(f"wrote {path}")
+    md = RESULTS / f"backtest{suffix}.md"
+    md.write_text(markdown(out))
+    print(f"wrote {path} and {md}")
+
+
+def markdown(out: dict) -> str:
+    """Both datasets side by side, with the hardware, as a Markdown page."""
+    hw = out["hardware"]
+    lines = ["# Backtest: SML against the ways recommenders are retrained today", "",
+             f"Measured on {hw['cpu']} ({hw['cpu_count']} cores, {hw['torch_threads']} torch "
+             f"thread(s)), device `{hw['device']}`, torch {hw['torch']}. Test periods only; "
+             "each method at the hyper-parameters its validation periods chose. NDCG@20 and "
+             "Recall@20: full ranking over known items, returning users; AUC: the positive "
+             "against 999 sampled negatives. Reproduce: `make bench`.", ""]
+    names = list(out["datasets"])
+    lines.append("| method | " + " | ".join(
+        f"{n} NDCG@20 | {n} Recall@20 | {n} AUC | {n} train s (last period)" for n in names)
+        + " |")
+    lines.append("|---" * (1 + 4 * len(names)) + "|")
+    methods = list(out["datasets"][names[0]]["methods"])
+    for m in methods:
+        cells = []
+        for n in names:
+            v = out["datasets"][n]["methods"].get(m)
+            cells += (["-"] * 4 if v is None else
+                      [f"{v['ndcg@20']:.4f}", f"{v['recall@20']:.4f}", f"{v['auc']:.4f}",
+                       f"{v['train_seconds_last_period']:.2f}"])
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for n in names:
+        d = out["datasets"][n]
+        r, g = d["ratios"], d.get("time_growth", {})
+        lines.append(f"- **{n}**: SML NDCG@20 / best baseline ({r.get('best_baseline')}) = "
+                     f"{r.get('ndcg_ratio_vs_best_baseline', float('nan')):.3f}; SML time / "
+                     f"Full-retrain time at the last period = "
+                     f"{r.get('time_ratio_vs_full', float('nan')):.3f}; training time growth "
+                     "from the first to the last quarter of the evaluated periods: " + ", ".join(
+                         f"{m} {v['growth']:.2f}x" for m, v in g.items() if v))
+        lines.append("  Chosen configs: " + "; ".join(
+            f"{m} {json.dumps(v['params'])}" for m, v in d["methods"].items()))
+    return "\n".join(lines) + "\n"
 
 
 def _jsonable(x):

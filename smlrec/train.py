@@ -150,13 +150,27 @@ def train_mf(weights: MFWeights, users: np.ndarray, items: np.ndarray, cfg: MFCo
     return MFWeights(user.detach(), item.detach()), losses
 
 
-def _transfer_scores(theta: Transfer, old: MFWeights, new_user: Tensor,
-                     new_items: tuple[Tensor, Tensor], b: Batch) -> tuple[Tensor, Tensor]:
-    """Positive and negative scores of the transferred rows f_Θ(old, new) for a batch."""
-    u = theta.user(old.user[b.users], new_user)
-    p = theta.item(old.item[b.pos], new_items[0])
-    n = theta.item(old.item[b.neg], new_items[1])
-    return (u * p).sum(-1), (u * n).sum(-1)
+def _transfer_scores(theta: Transfer, old: MFWeights, new: MFWeights, b: Batch,
+                     gather: Callable[[Tensor, Tensor], Tensor]
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Scores of the transferred rows f_Θ(old, new) for a batch's positives and negatives.
+
+    The transfer is the expensive part (a 5·d x 512 layer per row), so it runs once per
+    distinct user and item of the batch and the results are gathered back. Also returns
+    Σ ||new row||² over the batch's rows (duplicates counted), for the L2 term.
+    """
+    users, uinv = torch.unique(b.users, return_inverse=True)
+    items, iinv = torch.unique(torch.cat([b.pos, b.neg]), return_inverse=True)
+    hu, hi = gather(new.user, users), gather(new.item, items)
+    u = theta.user(old.user[users], hu)[uinv]
+    rows = theta.item(old.item[items], hi)[iinv]
+    p, n = rows[: len(b.pos)], rows[len(b.pos):]
+    sq = hu.pow(2).sum(-1)[uinv].sum() + hi.pow(2).sum(-1)[iinv].sum()
+    return (u * p).sum(-1), (u * n).sum(-1), sq
+
+
+def _index(table: Tensor, idx: Tensor) -> Tensor:
+    return table[idx]
 
 
 def sml_learn_what(theta: Transfer, w_prev: MFWeights, w_hat: MFWeights, users: np.ndarray,
@@ -175,10 +189,8 @@ def sml_learn_what(theta: Transfer, w_prev: MFWeights, w_hat: MFWeights, users: 
     theta.requires_grad_(False)
 
     def step(b: Batch) -> Tensor:
-        hu, hp, hn = _rows(user, b.users), _rows(item, b.pos), _rows(item, b.neg)
-        pos, neg = _transfer_scores(theta, prev, hu, (hp, hn), b)
-        reg = cfg.what_l2 * (hu.pow(2).sum() + hp.pow(2).sum() + hn.pow(2).sum()) / len(b.users)
-        return rec_loss(pos, neg, loss_cfg.loss) + reg
+        pos, neg, sq = _transfer_scores(theta, prev, MFWeights(user, item), b, _rows)
+        return rec_loss(pos, neg, loss_cfg.loss) + cfg.what_l2 * sq / len(b.users)
 
     try:
         losses = _run(step, [opt], batches(users, items, sampler, cfg.what_batch_size,
@@ -202,8 +214,7 @@ def sml_learn_theta(theta: Transfer, opt: torch.optim.Optimizer, w_old: MFWeight
     sampler = make_sampler(users, items, w_hat.n_items, loss_cfg)
 
     def step(b: Batch) -> Tensor:
-        pos, neg = _transfer_scores(theta, old, hat.user[b.users],
-                                    (hat.item[b.pos], hat.item[b.neg]), b)
+        pos, neg, _ = _transfer_scores(theta, old, hat, b, _index)
         return rec_loss(pos, neg, loss_cfg.loss)
 
     return _run(step, [opt], batches(users, items, sampler, cfg.theta_batch_size,
