@@ -205,44 +205,71 @@ class SML(Strategy):
         self.w_hat_prev = self.w.clone()
 
     def update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
-        d = history[-1]
+        self.begin_period(history[-1], n_users, n_items)
+        if self.cfg.schedule == "official":
+            self._official_rounds(history[-2] if len(history) > 1 else None)
+        else:
+            self.meta_update()
+            self.learn()
+        return self.transfer()
+
+    # The daily pipeline runs these steps as separate tasks: begin_period, meta_update,
+    # learn, transfer (``update`` is exactly that sequence for the per-period schedule).
+
+    def begin_period(self, d: PeriodData, n_users: int, n_items: int) -> None:
+        """Start period t: grow every table to the current vocabulary sizes."""
         known_users, known_items = self.w_hat_prev.n_users, self.w_hat_prev.n_items
-        old_rows = (d.users < known_users) & (d.items < known_items)
+        self._d = d
+        # Step 2 learns from rows that existed at t-1 (new ids have no Ŵ_{t-1} to judge).
+        self._old_rows = (d.users < known_users) & (d.items < known_items)
         gen = torch.Generator().manual_seed(self._next_seed())
         self.w = self.w.grow(n_users, n_items, gen)
         self.w_prev = self.w_prev.grow(n_users, n_items, gen)
         self.w_hat_prev = self.w_hat_prev.grow(n_users, n_items, gen)
+        self._w_hat = None
         self._theta_losses, self._what_losses = [], []
 
-        def meta_update() -> None:  # step 2 on D_t with W_{t-2}, Ŵ_{t-1} fixed
-            if old_rows.any():
-                self._theta_losses += sml_learn_theta(
-                    self.theta, self.opt, self.w_prev, self.w_hat_prev, d.users[old_rows],
-                    d.items[old_rows], self.cfg, self.loss, self._next_seed(), self.device,
-                    self.progress)
+    def meta_update(self) -> None:
+        """Step 2 on D_t with W_{t-2}, Ŵ_{t-1} fixed: update Θ (and its Adam state)."""
+        d, rows = self._d, self._old_rows
+        if rows.any():
+            self._theta_losses += sml_learn_theta(
+                self.theta, self.opt, self.w_prev, self.w_hat_prev, d.users[rows],
+                d.items[rows], self.cfg, self.loss, self._next_seed(), self.device,
+                self.progress)
 
-        if self.cfg.schedule == "official":
-            prev_d = history[-2] if len(history) > 1 and self.periods_seen else None
-            for k in range(self.cfg.outer_steps):
-                meta_update()
-                if prev_d is not None and k < self.cfg.outer_steps - 1:
-                    start = self.theta.apply_all(self.w_prev, self.w_hat_prev)
-                    self.w_hat_prev = self._learn_what(self.w_prev, start, prev_d)
-            if self.periods_seen:
-                self.w = self.theta.apply_all(self.w_prev, self.w_hat_prev)
-            w_hat = self._learn_what(self.w, self.w.clone(), d)
-        else:
-            w_hat = self.w.clone()
-            for k in range(self.cfg.outer_steps):
-                meta_update()
-                if k > 0:
-                    w_hat = self.theta.apply_all(self.w, w_hat)
-                w_hat = self._learn_what(self.w, w_hat, d)
-        w_new = self.theta.apply_all(self.w, w_hat)
-        self.w_prev, self.w_hat_prev, self.w = self.w, w_hat, w_new
+    def learn(self) -> MFWeights:
+        """Step 1: learn Ŵ_t on D_t with Θ fixed; the later outer steps alternate another
+        step 2 with step 1 restarted from the current transfer output."""
+        w_hat = self.w.clone()
+        for k in range(self.cfg.outer_steps):
+            if k > 0:
+                self.meta_update()
+                w_hat = self.theta.apply_all(self.w, w_hat)
+            w_hat = self._learn_what(self.w, w_hat, self._d)
+        self._w_hat = w_hat
+        return w_hat
+
+    def transfer(self) -> dict:
+        """W_t = f_Θ(W_{t-1}, Ŵ_t) for every row; shift the state to period t."""
+        w_new = self.theta.apply_all(self.w, self._w_hat)
+        self.w_prev, self.w_hat_prev, self.w = self.w, self._w_hat, w_new
+        self._w_hat = None
         self.periods_seen += 1
         return {"theta_loss": _tail_mean(self._theta_losses),
-                "what_loss": _tail_mean(self._what_losses), "n_train": int(len(d))}
+                "what_loss": _tail_mean(self._what_losses), "n_train": int(len(self._d))}
+
+    def _official_rounds(self, prev_d: PeriodData | None) -> None:
+        if not self.periods_seen:
+            prev_d = None
+        for k in range(self.cfg.outer_steps):
+            self.meta_update()
+            if prev_d is not None and k < self.cfg.outer_steps - 1:
+                start = self.theta.apply_all(self.w_prev, self.w_hat_prev)
+                self.w_hat_prev = self._learn_what(self.w_prev, start, prev_d)
+        if self.periods_seen:
+            self.w = self.theta.apply_all(self.w_prev, self.w_hat_prev)
+        self._w_hat = self._learn_what(self.w, self.w.clone(), self._d)
 
     def _learn_what(self, w_old: MFWeights, start: MFWeights, d: PeriodData) -> MFWeights:
         """Step 1 on ``d`` through f_Θ(w_old, ·), from ``start``."""
