@@ -20,6 +20,15 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 
+# The pipeline commands live with the pipelines (they need KFP); the core library itself
+# never imports KFP, Feast or BentoML.
+try:
+    from pipelines.cli import app as _pipeline_app
+except ModuleNotFoundError:  # an install without the stack extras (kfp)
+    _pipeline_app = None
+if _pipeline_app is not None:
+    app.add_typer(_pipeline_app, name="pipeline")
+
 
 @app.callback()
 def _setup() -> None:

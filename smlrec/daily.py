@@ -187,14 +187,15 @@ def chain_base(store: StateStore) -> str:
     return base
 
 
-def meta_update_step(data_root: str, store: StateStore, period_id: str, cfg: DailyConfig,
+def meta_update_step(frame: pd.DataFrame, store: StateStore, period_id: str, cfg: DailyConfig,
                      out_url: str) -> dict:
-    """Load the chain's base, index D_t, grow the tables, run step 2; save to ``out_url``."""
+    """Load the chain's base, index D_t (``frame``), grow the tables, run step 2; save the
+    state to ``out_url``."""
     base = chain_base(store)
     sml, users, items, _ = load_sml(store.period_uri(base), cfg)
-    if sml.cfg.schedule != "per_period":
-        sml.cfg = sml.cfg.model_copy(update={"schedule": "per_period"})
-    d = index_period(read_period(data_root, period_id), users, items, period_id)
+    sml.cfg = sml.cfg.model_copy(update={"schedule": "per_period",
+                                         "outer_steps": cfg.sml.outer_steps})
+    d = index_period(frame, users, items, period_id)
     start = time.perf_counter()
     _begin(sml, d, users, items)
     sml.meta_update()
@@ -204,11 +205,10 @@ def meta_update_step(data_root: str, store: StateStore, period_id: str, cfg: Dai
             "seconds": time.perf_counter() - start}
 
 
-def learn_step(data_root: str, in_url: str, cfg: DailyConfig, out_url: str) -> dict:
+def learn_step(frame: pd.DataFrame, in_url: str, cfg: DailyConfig, out_url: str) -> dict:
     """Step 1 (and the remaining outer steps): learn Ŵ_t on D_t; save to ``out_url``."""
     sml, users, items, meta = load_sml(in_url, cfg)
     period_id = meta["period_id"]
-    frame = read_period(data_root, period_id)
     d = PeriodData(period_id, users.lookup(frame[USER]), items.lookup(frame[ITEM]))
     start = time.perf_counter()
     _begin(sml, d, users, items)
@@ -217,11 +217,11 @@ def learn_step(data_root: str, in_url: str, cfg: DailyConfig, out_url: str) -> d
     return {"what_loss": _mean(sml._what_losses), "seconds": time.perf_counter() - start}
 
 
-def transfer_step(data_root: str, in_url: str, store: StateStore, cfg: DailyConfig) -> dict:
+def transfer_step(frame: pd.DataFrame, in_url: str, store: StateStore, cfg: DailyConfig
+                  ) -> dict:
     """W_t = f_Θ(W_prev, Ŵ_t); the bundle goes into the state store as the new candidate."""
     sml, users, items, meta = load_sml(in_url, cfg)
     period_id = meta["period_id"]
-    frame = read_period(data_root, period_id)
     d = PeriodData(period_id, users.lookup(frame[USER]), items.lookup(frame[ITEM]))
     start = time.perf_counter()
     _begin(sml, d, users, items)
@@ -247,9 +247,10 @@ def run_period(data_root: str, store: StateStore, period_id: str, cfg: DailyConf
     start = time.perf_counter()
     out["gate"] = gate(data_root, store, period_id, cfg).to_dict()
     times["gate"] = time.perf_counter() - start
-    out["meta_update"] = meta_update_step(data_root, store, period_id, cfg, f"{work_dir}/meta")
-    out["learn"] = learn_step(data_root, f"{work_dir}/meta", cfg, f"{work_dir}/learn")
-    out["transfer"] = transfer_step(data_root, f"{work_dir}/learn", store, cfg)
+    frame = read_period(data_root, period_id)
+    out["meta_update"] = meta_update_step(frame, store, period_id, cfg, f"{work_dir}/meta")
+    out["learn"] = learn_step(frame, f"{work_dir}/meta", cfg, f"{work_dir}/learn")
+    out["transfer"] = transfer_step(frame, f"{work_dir}/learn", store, cfg)
     for k in ("meta_update", "learn", "transfer"):
         times[k] = out[k]["seconds"]
     out["seconds"] = times

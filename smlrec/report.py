@@ -43,3 +43,40 @@ def plot_backtest(results: pd.DataFrame, summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def decisions_html(decisions: list[dict]) -> str:
+    """A self-contained HTML page: the gate's history as a chart and a table."""
+    import base64
+    import html
+    import io
+
+    rows = [d for d in decisions if d.get("scores")]
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    if rows:
+        x = [d["period"] for d in rows]
+        for name in ("candidate", "incumbent", "popularity"):
+            ys = [d["scores"].get(name, {}).get("ndcg@20", float("nan")) for d in rows]
+            ax.plot(x, ys, marker="o", ms=3, label=name)
+        for i, d in enumerate(rows):
+            if d["decision"] == "promote":
+                ax.axvline(i, color="#9c9", lw=0.8, zorder=0)
+        ax.legend(fontsize=8)
+        ax.tick_params(axis="x", rotation=30, labelsize=7)
+    ax.set_ylabel("NDCG@20 on the new period")
+    ax.set_title("Gate history (green lines: promotions)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    img = base64.b64encode(buf.getvalue()).decode()
+    table = "".join(
+        f"<tr><td>{html.escape(str(d.get('period')))}</td><td>{d.get('decision')}</td>"
+        f"<td>{html.escape('; '.join(d.get('reasons', [])))}</td></tr>" for d in decisions)
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>smlrec gate history"
+            "</title><style>body{font-family:sans-serif;margin:1.5em}td,th{padding:2px 8px;"
+            "border-bottom:1px solid #ddd;font-size:13px}</style></head><body>"
+            "<h1>smlrec: gate history</h1>"
+            f"<img alt='gate history chart' src='data:image/png;base64,{img}'>"
+            "<table><tr><th>period</th><th>decision</th><th>why</th></tr>"
+            f"{table}</table></body></html>")

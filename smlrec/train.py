@@ -248,4 +248,4 @@ def fit_identity(theta: Transfer, w0: MFWeights, seed: int, steps: int = 300,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return float(loss)
+    return float(loss.detach())

@@ -1,0 +1,1 @@
+"""KFP components and the adapters they use (Feast, BentoML) around the smlrec core."""

@@ -1,0 +1,193 @@
+"""The daily pipeline's KFP components: one per step, each a thin wrapper over smlrec.
+
+Every component runs from the project image (``IMAGE``, built from the repo's
+Dockerfile) with no pip install at run time. A component body is shipped as source, so it
+imports what it needs inside the function. Artifacts: Markdown reports and Metrics for the
+Kubeflow UI, Model artifacts for the SML state handed from task to task, a Dataset for the
+training frame read from Feast.
+"""
+
+
+import os
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+
+IMAGE = os.environ.get("SMLREC_IMAGE", "smlrec:0.1.0")
+
+
+def component(fn):
+    """A lightweight component on the project image; no run-time installs."""
+    return dsl.component(fn, base_image=IMAGE, install_kfp_package=False)
+
+
+@component
+def validate_op(period: str, data_uri: str, input_file: str, period_spec: str,
+                min_rows: int, max_rows: int, report: Output[Markdown]) -> int:
+    """Great Expectations on the period's raw file; on success it is imported into the data
+    store. A failure writes the failing expectations to the report and fails the task, so
+    nothing after it runs and nothing changes."""
+    from components.expectations import validate_period_file
+    from smlrec.data.importer import import_file
+
+    path = input_file or f"{data_uri.rstrip('/')}/interactions/period={period}/part-0.parquet"
+    result = validate_period_file(path, period, period_spec, min_rows=min_rows,
+                                  max_rows=max_rows)
+    with open(report.path, "w") as fh:
+        fh.write(result.to_markdown())
+    if not result.success:
+        raise RuntimeError(f"data validation failed for period {period} ({path}): "
+                           + "; ".join(result.failures))
+    if input_file:
+        import_file(input_file, data_uri, period=period_spec)
+    return result.n_rows
+
+
+@component
+def features_op(period: str, data_uri: str, feature_repo: str, feature_data: str,
+                period_spec: str, training_frame: Output[Dataset],
+                report: Output[Markdown]) -> int:
+    """Write D_t's aggregates to Feast, materialize them, and pull the training frame
+    (D_t's interactions with point-in-time features) with get_historical_features."""
+    from components.feast_store import FeatureStoreAdapter
+    from smlrec.data.periods import period_bounds
+    from smlrec.data.store import list_periods, read_period, read_periods
+
+    frame = read_period(data_uri, period)
+    _, end = period_bounds(period, period_spec)
+    earlier = [p for p in list_periods(data_uri) if p < period]
+    history = read_periods(data_uri, earlier[-30:]) if earlier else None
+    store = FeatureStoreAdapter(feature_repo, feature_data)
+    store.apply()
+    store.write_period(period, frame, end, history=history)
+    store.materialize(end)
+    entity = frame[["user_id", "item_id", "timestamp"]].rename(
+        columns={"timestamp": "event_timestamp"})
+    out = store.training_frame(entity)
+    out.to_parquet(training_frame.path, index=False)
+    with open(report.path, "w") as fh:
+        fh.write(f"# Features for {period}\n\n{len(out)} training rows, columns: "
+                 f"{', '.join(out.columns)}\n")
+    return len(out)
+
+
+@component
+def gate_op(period: str, data_uri: str, state_uri: str, tolerance: float, seed: int,
+            metrics: Output[Metrics], report: Output[Markdown]) -> str:
+    """The canary gate: yesterday's candidate, the incumbent and popularity on D_t.
+    Returns "promote" or "reject"; on promote the production pointer moves."""
+    from smlrec.daily import DailyConfig, gate
+    from smlrec.device import configure_threads
+    from smlrec.registry import StateStore
+
+    configure_threads()
+    result = gate(data_uri, StateStore(state_uri), period,
+                  DailyConfig(tolerance=tolerance, seed=seed))
+    for name in ("candidate", "incumbent", "popularity"):
+        values = getattr(result, name)
+        for key in ("ndcg@20", "recall@20"):
+            if values is not None:
+                metrics.log_metric(f"{name}_{key}", float(values[key]))
+    metrics.log_metric("promoted", 1.0 if result.accept else 0.0)
+    with open(report.path, "w") as fh:
+        fh.write(f"# Gate for {period}: {result.decision}\n\n"
+                 + "\n".join(f"- {r}" for r in result.reasons) + "\n")
+    return result.decision
+
+
+@component
+def meta_update_op(period: str, state_uri: str, outer_steps: int, seed: int,
+                   training_frame: Input[Dataset], state: Output[Model],
+                   metrics: Output[Metrics]):
+    """SML step 2: update Θ on D_t with Ŵ_{t-1} and W_{t-2} fixed."""
+    import pandas as pd
+
+    from smlrec.config import SMLConfig
+    from smlrec.daily import DailyConfig, meta_update_step
+    from smlrec.device import configure_threads, pick_device
+    from smlrec.registry import StateStore
+
+    configure_threads()
+    cfg = DailyConfig(sml=SMLConfig(outer_steps=outer_steps), seed=seed,
+                      device=str(pick_device()))
+    frame = pd.read_parquet(training_frame.path)
+    out = meta_update_step(frame, StateStore(state_uri), period, cfg, state.path)
+    state.metadata.update({"period": period, "base_period": out["base_period"]})
+    for key in ("theta_loss", "seconds", "n_interactions"):
+        metrics.log_metric(f"meta_update_{key}", float(out[key]))
+
+
+@component
+def learn_op(outer_steps: int, seed: int, training_frame: Input[Dataset],
+             state_in: Input[Model], state: Output[Model], metrics: Output[Metrics]):
+    """SML step 1: learn Ŵ_t on D_t alone, through the transfer, with Θ fixed."""
+    import pandas as pd
+
+    from smlrec.config import SMLConfig
+    from smlrec.daily import DailyConfig, learn_step
+    from smlrec.device import configure_threads, pick_device
+
+    configure_threads()
+    cfg = DailyConfig(sml=SMLConfig(outer_steps=outer_steps), seed=seed,
+                      device=str(pick_device()))
+    out = learn_step(pd.read_parquet(training_frame.path), state_in.path, cfg, state.path)
+    for key in ("what_loss", "seconds"):
+        metrics.log_metric(f"learn_{key}", float(out[key]))
+
+
+@component
+def transfer_op(state_uri: str, seed: int, training_frame: Input[Dataset],
+                state_in: Input[Model], metrics: Output[Metrics]) -> str:
+    """W_t = f_Θ(W_prev, Ŵ_t): saved in the state store as the new candidate."""
+    import pandas as pd
+
+    from smlrec.daily import DailyConfig, transfer_step
+    from smlrec.device import configure_threads, pick_device
+    from smlrec.registry import StateStore
+
+    configure_threads()
+    cfg = DailyConfig(seed=seed, device=str(pick_device()))
+    store = StateStore(state_uri)
+    out = transfer_step(pd.read_parquet(training_frame.path), state_in.path, store, cfg)
+    for key in ("seconds", "n_users", "n_items"):
+        metrics.log_metric(f"transfer_{key}", float(out[key]))
+    return store.get_pointer("candidate")
+
+
+@component
+def package_op(state_uri: str, period: str, bentoml_home: str) -> str:
+    """Put the production model into the BentoML model store (labels: stage, period)."""
+    import os
+
+    if bentoml_home:
+        os.environ["BENTOML_HOME"] = bentoml_home
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    from components.packaging import package_production
+
+    return package_production(state_uri, decided_in=period)
+
+
+@component
+def report_op(state_uri: str, report: Output[HTML]):
+    """The per-period history of gate decisions as an HTML page with a chart."""
+    from smlrec.registry import StateStore
+    from smlrec.report import decisions_html
+
+    with open(report.path, "w") as fh:
+        fh.write(decisions_html(StateStore(state_uri).decisions()))
+
+
+@component
+def resolve_period_op(period: str, scheduled_time: str, period_spec: str) -> str:
+    """The period to process: ``period`` if given, else the last period that closed before
+    the scheduled time of a recurring run (so a run at 02:00 processes yesterday)."""
+    from smlrec.data.periods import parse_period, period_id, period_start
+    from smlrec.registry import check_period_id
+
+    if period and period != "scheduled":
+        return check_period_id(period)
+    import pandas as pd
+
+    when = pd.Timestamp(scheduled_time)
+    when = when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
+    return period_id(period_start(when, period_spec) - parse_period(period_spec))

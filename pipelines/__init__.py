@@ -1,0 +1,1 @@
+"""Kubeflow pipelines of smlrec: the daily run and the one-off bootstrap."""

@@ -1,0 +1,136 @@
+"""``smlrec pipeline ...``: compile, run locally, backfill, submit and schedule on Kubeflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from smlrec.data.cli import reports_errors
+
+app = typer.Typer(name="pipeline", no_args_is_help=True,
+                  help="The Kubeflow pipelines: compile the YAML for the UI, run locally "
+                  "(embedded mode), backfill a range of periods, submit or schedule on a "
+                  "cluster.")
+
+HERE = Path(__file__).resolve().parent
+DAILY_YAML = HERE / "daily.yaml"
+BOOTSTRAP_YAML = HERE / "bootstrap.yaml"
+
+DataOpt = Annotated[str, typer.Option(help="Period-partitioned interaction store.")]
+StateOpt = Annotated[str, typer.Option(help="State store (models, pointers, decisions).")]
+
+
+@app.command()
+@reports_errors
+def compile(out: Annotated[Path, typer.Option(help="Daily pipeline YAML.")] = DAILY_YAML,
+            bootstrap_out: Annotated[Path, typer.Option(help="Bootstrap pipeline YAML.")]
+            = BOOTSTRAP_YAML) -> None:
+    """Write the pipelines' IR YAML, the files to upload in the Kubeflow UI."""
+    from kfp import compiler
+
+    from pipelines.daily import bootstrap_pipeline, daily_pipeline
+
+    compiler.Compiler().compile(daily_pipeline, str(out))
+    compiler.Compiler().compile(bootstrap_pipeline, str(bootstrap_out))
+    typer.echo(f"wrote {out} and {bootstrap_out}")
+
+
+@app.command()
+@reports_errors
+def bootstrap(until: Annotated[str, typer.Option(help="Last meta-training period.")],
+              data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "state",
+              pretrain_periods: int = 10, pretrain_epochs: int = 20, outer_steps: int = 1,
+              seed: int = 0) -> None:
+    """Run once before the daily runs: pretrain W_0 and meta-train Θ up to --until."""
+    from pipelines.local import default_work_dir, run_bootstrap
+
+    cand = run_bootstrap(data_uri, state_uri, until, default_work_dir(),
+                         pretrain_periods=pretrain_periods, pretrain_epochs=pretrain_epochs,
+                         outer_steps=outer_steps, seed=seed)
+    typer.echo(f"bootstrap done: candidate model of period {cand} in {state_uri}")
+
+
+@app.command()
+@reports_errors
+def run(period: Annotated[str, typer.Option(help="Period to process, YYYY-MM-DD.")],
+        data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "state",
+        input_file: Annotated[str, typer.Option(
+            help="Raw file of the period to validate and import (default: the stored one).")]
+        = "",
+        period_spec: Annotated[str, typer.Option(help="Period length: 1D, 7D...")] = "1D",
+        tolerance: float = 0.05, outer_steps: int = 1, seed: int = 0,
+        force: Annotated[bool, typer.Option(help="Run even if the period is done.")] = False
+        ) -> None:
+    """Run the daily pipeline for one period with KFP's local runner."""
+    from pipelines.local import default_work_dir, run_daily, summary_line
+
+    r = run_daily(period, data_uri, state_uri, default_work_dir(), input_file=input_file,
+                  period_spec=period_spec, tolerance=tolerance, outer_steps=outer_steps,
+                  seed=seed, force=force)
+    typer.echo(summary_line(r))
+
+
+@app.command()
+@reports_errors
+def backfill(start: Annotated[str, typer.Option("--from", help="First period, YYYY-MM-DD.")],
+             end: Annotated[str, typer.Option("--to", help="Last period, inclusive.")],
+             data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "state",
+             period_spec: str = "1D", tolerance: float = 0.05, outer_steps: int = 1,
+             seed: int = 0) -> None:
+    """Run the daily pipeline for every stored period in a range, in order, skipping the
+    periods already done (the embedded schedule; safe to re-run)."""
+    from pipelines.local import default_work_dir, run_daily, summary_line
+    from smlrec.data.store import list_periods
+
+    periods = [p for p in list_periods(data_uri) if start <= p <= end]
+    if not periods:
+        raise typer.BadParameter(f"no stored periods between {start} and {end} in {data_uri}")
+    for p in periods:
+        typer.echo(summary_line(run_daily(p, data_uri, state_uri, default_work_dir(),
+                                          period_spec=period_spec, tolerance=tolerance,
+                                          outer_steps=outer_steps, seed=seed)))
+
+
+def _client(host: str):
+    import kfp
+
+    return kfp.Client(host=host)
+
+
+@app.command()
+@reports_errors
+def submit(host: Annotated[str, typer.Option(help="Kubeflow Pipelines API endpoint.")],
+           period: Annotated[str, typer.Option(help="Period, YYYY-MM-DD.")],
+           data_uri: DataOpt = "s3://smlrec/data", state_uri: StateOpt = "s3://smlrec/state",
+           experiment: str = "smlrec") -> None:
+    """Submit one daily run to a Kubeflow cluster (uploads the compiled YAML)."""
+    client = _client(host)
+    run = client.create_run_from_pipeline_package(
+        str(DAILY_YAML), arguments={"period": period, "data_uri": data_uri,
+                                    "state_uri": state_uri},
+        experiment_name=experiment, run_name=f"smlrec-daily-{period}", enable_caching=False)
+    typer.echo(f"submitted run {run.run_id}")
+
+
+@app.command()
+@reports_errors
+def schedule(host: Annotated[str, typer.Option(help="Kubeflow Pipelines API endpoint.")],
+             cron: Annotated[str, typer.Option(
+                 help="Six-field cron, seconds first, e.g. '0 0 2 * * *' (02:00 daily).")]
+             = "0 0 2 * * *",
+             data_uri: DataOpt = "s3://smlrec/data", state_uri: StateOpt = "s3://smlrec/state",
+             experiment: str = "smlrec") -> None:
+    """Create the recurring daily run: each run processes the period that closed before its
+    scheduled time; at most one run at a time."""
+    if len(cron.split()) != 6:
+        raise typer.BadParameter("KFP cron has six fields, seconds first", param_hint="--cron")
+    client = _client(host)
+    exp = client.create_experiment(experiment)
+    job = client.create_recurring_run(
+        experiment_id=exp.experiment_id, job_name="smlrec-daily", cron_expression=cron,
+        max_concurrency=1, no_catchup=True, pipeline_package_path=str(DAILY_YAML),
+        params={"period": "scheduled", "data_uri": data_uri, "state_uri": state_uri},
+        enable_caching=False)
+    typer.echo(f"scheduled recurring run {job.recurring_run_id} ({cron})")

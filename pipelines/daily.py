@@ -1,0 +1,139 @@
+"""The daily pipeline (one period) and the bootstrap pipeline (run once, before it).
+
+Compile with ``smlrec pipeline compile``; upload the YAML in the Kubeflow UI, or submit
+and schedule it with ``smlrec pipeline submit`` / ``schedule``. Locally the same
+functions run through KFP's local runner (``smlrec pipeline run`` / ``backfill``).
+"""
+
+
+import os
+
+from kfp import dsl
+
+from components.ops import (
+    IMAGE,
+    features_op,
+    gate_op,
+    learn_op,
+    meta_update_op,
+    package_op,
+    report_op,
+    resolve_period_op,
+    transfer_op,
+    validate_op,
+)
+
+# Training steps ask the cluster for a GPU when compiled with SMLREC_GPU=1 (they use CUDA
+# automatically when present, the CPU otherwise).
+GPU = os.environ.get("SMLREC_GPU", "0") == "1"
+
+
+def _train_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    task.set_caching_options(False)
+    if GPU:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    return task
+
+
+@dsl.pipeline(name="smlrec-daily",
+              description="Validate a period's data, write its features, gate yesterday's "
+              "candidate, meta-update the transfer, train on the new period, transfer, "
+              "and package the accepted model.")
+def daily_pipeline(
+    period: str,
+    data_uri: str = "data/ml-100k",
+    state_uri: str = "state",
+    input_file: str = "",
+    period_spec: str = "1D",
+    feature_repo: str = "feature_repo",
+    feature_data: str = "features",
+    tolerance: float = 0.05,
+    outer_steps: int = 1,
+    seed: int = 0,
+    min_rows: int = 1,
+    max_rows: int = 5_000_000,
+    bentoml_home: str = "",
+):
+    """One daily run of SML.
+
+    Args:
+        period: The period that just closed, YYYY-MM-DD (its first day); "scheduled" takes
+            the period that closed before the run's scheduled time (recurring runs).
+        data_uri: The period-partitioned interaction store (folder or s3:// / gs:// URI).
+        state_uri: The state store (models, pointers, decisions), a folder or URI.
+        input_file: The period's raw file (CSV or Parquet) to validate and import; empty to
+            validate the period already in the data store.
+        period_spec: Period length, e.g. 1D (daily) or 7D (weekly).
+        feature_repo: The Feast repository folder.
+        feature_data: Where Feast's offline Parquet sources, registry and online store live.
+        tolerance: Gate: how far (relative) below the incumbent's NDCG@20 a candidate may
+            be and still be promoted.
+        outer_steps: SML: alternations of the meta-update and training per period.
+        seed: Random seed.
+        min_rows: Validation: fewest rows a period may have.
+        max_rows: Validation: most rows a period may have.
+        bentoml_home: BentoML store folder for packaging (empty: BentoML's default).
+    """
+    resolved = resolve_period_op(
+        period=period, scheduled_time=dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER,
+        period_spec=period_spec)
+    resolved.set_caching_options(False)
+    period = resolved.output
+    validate = validate_op(period=period, data_uri=data_uri, input_file=input_file,
+                           period_spec=period_spec, min_rows=min_rows, max_rows=max_rows)
+    validate.set_caching_options(False)
+    features = features_op(period=period, data_uri=data_uri, feature_repo=feature_repo,
+                           feature_data=feature_data, period_spec=period_spec).after(validate)
+    features.set_caching_options(False)
+    frame = features.outputs["training_frame"]
+    gate = gate_op(period=period, data_uri=data_uri, state_uri=state_uri, tolerance=tolerance,
+                   seed=seed).after(features)
+    gate.set_caching_options(False)
+    with dsl.If(gate.outputs["Output"] == "promote", name="promoted"):
+        package_op(state_uri=state_uri, period=period,
+                   bentoml_home=bentoml_home).set_caching_options(False)
+    meta = _train_task(meta_update_op(period=period, state_uri=state_uri,
+                                      outer_steps=outer_steps, seed=seed,
+                                      training_frame=frame).after(gate))
+    learn = _train_task(learn_op(outer_steps=outer_steps, seed=seed, training_frame=frame,
+                                 state_in=meta.outputs["state"]))
+    transfer = _train_task(transfer_op(state_uri=state_uri, seed=seed, training_frame=frame,
+                                       state_in=learn.outputs["state"]))
+    report_op(state_uri=state_uri).after(transfer).set_caching_options(False)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def bootstrap_op(data_uri: str, state_uri: str, until: str, pretrain_periods: int,
+                 pretrain_epochs: int, outer_steps: int, seed: int) -> str:
+    """Pretrain W_0 on the first periods, meta-train Θ (Algorithm 1) up to ``until``."""
+    from smlrec.config import SMLConfig
+    from smlrec.daily import DailyConfig, bootstrap
+    from smlrec.device import configure_threads, pick_device
+    from smlrec.registry import StateStore
+
+    configure_threads()
+    cfg = DailyConfig(sml=SMLConfig(outer_steps=outer_steps), pretrain_periods=pretrain_periods,
+                      pretrain_epochs=pretrain_epochs, seed=seed, device=str(pick_device()))
+    return bootstrap(data_uri, StateStore(state_uri), cfg, until)["candidate"]
+
+
+@dsl.pipeline(name="smlrec-bootstrap",
+              description="Run once before the daily pipeline: pretrain W_0, meta-train Θ.")
+def bootstrap_pipeline(until: str, data_uri: str = "data/ml-100k", state_uri: str = "state",
+                       pretrain_periods: int = 10, pretrain_epochs: int = 20,
+                       outer_steps: int = 1, seed: int = 0):
+    """Bootstrap the state store.
+
+    Args:
+        until: Last period of meta-training, YYYY-MM-DD; its model becomes the first candidate.
+        data_uri: The period-partitioned interaction store.
+        state_uri: The state store to create.
+        pretrain_periods: How many first periods W_0 is trained on.
+        pretrain_epochs: MF epochs for W_0.
+        outer_steps: SML outer steps per meta-training period.
+        seed: Random seed.
+    """
+    _train_task(bootstrap_op(data_uri=data_uri, state_uri=state_uri, until=until,
+                             pretrain_periods=pretrain_periods,
+                             pretrain_epochs=pretrain_epochs, outer_steps=outer_steps,
+                             seed=seed))

@@ -1,0 +1,83 @@
+"""Running the pipelines with KFP's local runner (the embedded mode), one run at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from kfp import local
+
+from pipelines.daily import bootstrap_pipeline, daily_pipeline
+from smlrec.daily import is_done
+from smlrec.registry import StateStore
+
+
+def init_local(work_dir: str) -> None:
+    """Local runner in this Python environment (no per-task venv, no installs)."""
+    root = Path(work_dir).resolve()
+    (root / "workspace").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(root / "outputs"), workspace_root=str(root / "workspace"))
+
+
+def _abs(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def run_bootstrap(data_uri: str, state_uri: str, until: str, work_dir: str, **params) -> str:
+    """Run the bootstrap pipeline locally, holding the state store's lock."""
+    store = StateStore(_abs(state_uri))
+    with store.lock("bootstrap"):
+        init_local(work_dir)
+        bootstrap_pipeline(until=until, data_uri=_abs(data_uri), state_uri=_abs(state_uri),
+                           **params)
+    return store.get_pointer("candidate")
+
+
+def run_daily(period: str, data_uri: str, state_uri: str, work_dir: str,
+              feature_repo: str = "feature_repo", feature_data: str | None = None,
+              force: bool = False, **params) -> dict:
+    """Run the daily pipeline locally for one period, holding the lock. Returns a summary
+    (decision, scores, seconds), or ``{"skipped": True}`` when the period is already done."""
+    store = StateStore(_abs(state_uri))
+    if is_done(store, period) and not force:
+        return {"period": period, "skipped": True}
+    feature_data = feature_data or str(Path(_abs(state_uri)) / "features")
+    start = time.perf_counter()
+    with store.lock(f"daily {period}"):
+        init_local(work_dir)
+        daily_pipeline(period=period, data_uri=_abs(data_uri), state_uri=_abs(state_uri),
+                       feature_repo=_abs(feature_repo), feature_data=_abs(feature_data),
+                       **params)
+    decisions = [d for d in store.decisions() if d.get("period") == period]
+    last = decisions[-1] if decisions else {}
+    return {"period": period, "skipped": False, "decision": last.get("decision"),
+            "scores": last.get("scores", {}), "seconds": time.perf_counter() - start,
+            "production": store.get_pointer("production"),
+            "candidate": store.get_pointer("candidate")}
+
+
+def default_work_dir() -> str:
+    return os.environ.get("SMLREC_KFP_DIR") or tempfile.mkdtemp(prefix="smlrec-kfp-")
+
+
+def summary_line(r: dict) -> str:
+    if r.get("skipped"):
+        return f"{r['period']}  already done, skipped"
+    s = r.get("scores", {})
+
+    def ndcg(name: str) -> str:
+        v = s.get(name, {}).get("ndcg@20")
+        return "   -  " if v is None else f"{v:.4f}"
+
+    return (f"{r['period']}  {r['decision'] or '-':<8} cand {ndcg('candidate')}  inc "
+            f"{ndcg('incumbent')}  pop {ndcg('popularity')}  {r['seconds']:6.1f} s  "
+            f"production={r['production']}")
+
+
+def dumps(obj: dict) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,1 @@
+"""BentoML serving for smlrec models."""
