@@ -23,9 +23,13 @@ def package_production(state_uri: str, decided_in: str | None = None) -> str:
     period = store.get_pointer("production")
     if period is None:
         raise SmlrecError(f"{state_uri}: no production model to package")
-    for existing in bentoml.models.list(MODEL_NAME):
-        if existing.info.labels.get("period") == period:
-            return str(existing.tag)
+    try:
+        existing = bentoml.models.list(MODEL_NAME)
+    except bentoml.exceptions.NotFound:  # the first model of this name
+        existing = []
+    for model in existing:
+        if model.info.labels.get("period") == period:
+            return str(model.tag)
     tensors, meta, users, items = store.load_period(period)  # checksums verified here
     decisions = [d for d in store.decisions()
                  if d.get("candidate") == period and d.get("decision") == "promote"]

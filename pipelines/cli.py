@@ -41,14 +41,16 @@ def compile(out: Annotated[Path, typer.Option(help="Daily pipeline YAML.")] = DA
 @reports_errors
 def bootstrap(until: Annotated[str, typer.Option(help="Last meta-training period.")],
               data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "state",
-              pretrain_periods: int = 10, pretrain_epochs: int = 20, outer_steps: int = 1,
-              seed: int = 0) -> None:
+              pretrain_periods: int = 10, pretrain_epochs: int = 20, outer_steps: int = 3,
+              theta_init: Annotated[str, typer.Option(
+                  help="identity: Θ starts as fine-tuning; random: the paper's init.")]
+              = "identity", seed: int = 0) -> None:
     """Run once before the daily runs: pretrain W_0 and meta-train Θ up to --until."""
     from pipelines.local import default_work_dir, run_bootstrap
 
     cand = run_bootstrap(data_uri, state_uri, until, default_work_dir(),
                          pretrain_periods=pretrain_periods, pretrain_epochs=pretrain_epochs,
-                         outer_steps=outer_steps, seed=seed)
+                         outer_steps=outer_steps, theta_init=theta_init, seed=seed)
     typer.echo(f"bootstrap done: candidate model of period {cand} in {state_uri}")
 
 
@@ -60,7 +62,7 @@ def run(period: Annotated[str, typer.Option(help="Period to process, YYYY-MM-DD.
             help="Raw file of the period to validate and import (default: the stored one).")]
         = "",
         period_spec: Annotated[str, typer.Option(help="Period length: 1D, 7D...")] = "1D",
-        tolerance: float = 0.05, outer_steps: int = 1, seed: int = 0,
+        tolerance: float = 0.05, outer_steps: int = 3, seed: int = 0,
         force: Annotated[bool, typer.Option(help="Run even if the period is done.")] = False
         ) -> None:
     """Run the daily pipeline for one period with KFP's local runner."""
@@ -77,7 +79,7 @@ def run(period: Annotated[str, typer.Option(help="Period to process, YYYY-MM-DD.
 def backfill(start: Annotated[str, typer.Option("--from", help="First period, YYYY-MM-DD.")],
              end: Annotated[str, typer.Option("--to", help="Last period, inclusive.")],
              data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "state",
-             period_spec: str = "1D", tolerance: float = 0.05, outer_steps: int = 1,
+             period_spec: str = "1D", tolerance: float = 0.05, outer_steps: int = 3,
              seed: int = 0) -> None:
     """Run the daily pipeline for every stored period in a range, in order, skipping the
     periods already done (the embedded schedule; safe to re-run)."""

@@ -35,76 +35,88 @@ def _train_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-@dsl.pipeline(name="smlrec-daily",
-              description="Validate a period's data, write its features, gate yesterday's "
-              "candidate, meta-update the transfer, train on the new period, transfer, "
-              "and package the accepted model.")
-def daily_pipeline(
-    period: str,
-    data_uri: str = "data/ml-100k",
-    state_uri: str = "state",
-    input_file: str = "",
-    period_spec: str = "1D",
-    feature_repo: str = "feature_repo",
-    feature_data: str = "features",
-    tolerance: float = 0.05,
-    outer_steps: int = 1,
-    seed: int = 0,
-    min_rows: int = 1,
-    max_rows: int = 5_000_000,
-    bentoml_home: str = "",
-):
-    """One daily run of SML.
+def build_daily_pipeline(for_cluster: bool = True):
+    """The daily pipeline. ``for_cluster`` wires the run's scheduled time (a placeholder the
+    Kubeflow backend fills for recurring runs) into period resolution; KFP's local runner
+    cannot resolve that placeholder, so local runs pass an explicit period instead."""
+    scheduled_time = dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER if for_cluster else ""
 
-    Args:
-        period: The period that just closed, YYYY-MM-DD (its first day); "scheduled" takes
-            the period that closed before the run's scheduled time (recurring runs).
-        data_uri: The period-partitioned interaction store (folder or s3:// / gs:// URI).
-        state_uri: The state store (models, pointers, decisions), a folder or URI.
-        input_file: The period's raw file (CSV or Parquet) to validate and import; empty to
-            validate the period already in the data store.
-        period_spec: Period length, e.g. 1D (daily) or 7D (weekly).
-        feature_repo: The Feast repository folder.
-        feature_data: Where Feast's offline Parquet sources, registry and online store live.
-        tolerance: Gate: how far (relative) below the incumbent's NDCG@20 a candidate may
-            be and still be promoted.
-        outer_steps: SML: alternations of the meta-update and training per period.
-        seed: Random seed.
-        min_rows: Validation: fewest rows a period may have.
-        max_rows: Validation: most rows a period may have.
-        bentoml_home: BentoML store folder for packaging (empty: BentoML's default).
-    """
-    resolved = resolve_period_op(
-        period=period, scheduled_time=dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER,
-        period_spec=period_spec)
-    resolved.set_caching_options(False)
-    period = resolved.output
-    validate = validate_op(period=period, data_uri=data_uri, input_file=input_file,
-                           period_spec=period_spec, min_rows=min_rows, max_rows=max_rows)
-    validate.set_caching_options(False)
-    features = features_op(period=period, data_uri=data_uri, feature_repo=feature_repo,
-                           feature_data=feature_data, period_spec=period_spec).after(validate)
-    features.set_caching_options(False)
-    frame = features.outputs["training_frame"]
-    gate = gate_op(period=period, data_uri=data_uri, state_uri=state_uri, tolerance=tolerance,
-                   seed=seed).after(features)
-    gate.set_caching_options(False)
-    with dsl.If(gate.outputs["Output"] == "promote", name="promoted"):
-        package_op(state_uri=state_uri, period=period,
-                   bentoml_home=bentoml_home).set_caching_options(False)
-    meta = _train_task(meta_update_op(period=period, state_uri=state_uri,
-                                      outer_steps=outer_steps, seed=seed,
-                                      training_frame=frame).after(gate))
-    learn = _train_task(learn_op(outer_steps=outer_steps, seed=seed, training_frame=frame,
-                                 state_in=meta.outputs["state"]))
-    transfer = _train_task(transfer_op(state_uri=state_uri, seed=seed, training_frame=frame,
-                                       state_in=learn.outputs["state"]))
-    report_op(state_uri=state_uri).after(transfer).set_caching_options(False)
+    @dsl.pipeline(name="smlrec-daily",
+                  description="Validate a period's data, write its features, gate yesterday's "
+                  "candidate, meta-update the transfer, train on the new period, transfer, "
+                  "and package the accepted model.")
+    def pipeline(
+        period: str,
+        data_uri: str = "data/ml-100k",
+        state_uri: str = "state",
+        input_file: str = "",
+        period_spec: str = "1D",
+        feature_repo: str = "feature_repo",
+        feature_data: str = "features",
+        tolerance: float = 0.05,
+        outer_steps: int = 3,
+        seed: int = 0,
+        min_rows: int = 1,
+        max_rows: int = 5_000_000,
+        bentoml_home: str = "",
+    ):
+        """One daily run of SML.
+
+        Args:
+            period: The period that just closed, YYYY-MM-DD (its first day); "scheduled" takes
+                the period that closed before the run's scheduled time (recurring runs).
+            data_uri: The period-partitioned interaction store (folder or s3:// / gs:// URI).
+            state_uri: The state store (models, pointers, decisions), a folder or URI.
+            input_file: The period's raw file (CSV or Parquet) to validate and import; empty to
+                validate the period already in the data store.
+            period_spec: Period length, e.g. 1D (daily) or 7D (weekly).
+            feature_repo: The Feast repository folder.
+            feature_data: Where Feast's offline Parquet sources, registry and online store live.
+            tolerance: Gate: how far (relative) below the incumbent's NDCG@20 a candidate may
+                be and still be promoted.
+            outer_steps: SML: alternations of the meta-update and training per period.
+            seed: Random seed.
+            min_rows: Validation: fewest rows a period may have.
+            max_rows: Validation: most rows a period may have.
+            bentoml_home: BentoML store folder for packaging (empty: BentoML's default).
+        """
+        resolved = resolve_period_op(
+            period=period, scheduled_time=scheduled_time,
+            period_spec=period_spec)
+        resolved.set_caching_options(False)
+        period = resolved.output
+        validate = validate_op(period=period, data_uri=data_uri, input_file=input_file,
+                               period_spec=period_spec, min_rows=min_rows, max_rows=max_rows)
+        validate.set_caching_options(False)
+        features = features_op(period=period, data_uri=data_uri, feature_repo=feature_repo,
+                               feature_data=feature_data, period_spec=period_spec).after(validate)
+        features.set_caching_options(False)
+        frame = features.outputs["training_frame"]
+        gate = gate_op(period=period, data_uri=data_uri, state_uri=state_uri, tolerance=tolerance,
+                       seed=seed).after(features)
+        gate.set_caching_options(False)
+        with dsl.If(gate.outputs["Output"] == "promote", name="promoted"):
+            package_op(state_uri=state_uri, period=period,
+                       bentoml_home=bentoml_home).set_caching_options(False)
+        meta = _train_task(meta_update_op(period=period, state_uri=state_uri,
+                                          outer_steps=outer_steps, seed=seed,
+                                          training_frame=frame).after(gate))
+        learn = _train_task(learn_op(outer_steps=outer_steps, seed=seed, training_frame=frame,
+                                     state_in=meta.outputs["state"]))
+        transfer = _train_task(transfer_op(state_uri=state_uri, seed=seed, training_frame=frame,
+                                           state_in=learn.outputs["state"]))
+        report_op(state_uri=state_uri).after(transfer).set_caching_options(False)
+
+    return pipeline
+
+
+daily_pipeline = build_daily_pipeline(for_cluster=True)
+local_daily_pipeline = build_daily_pipeline(for_cluster=False)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def bootstrap_op(data_uri: str, state_uri: str, until: str, pretrain_periods: int,
-                 pretrain_epochs: int, outer_steps: int, seed: int) -> str:
+                 pretrain_epochs: int, outer_steps: int, theta_init: str, seed: int) -> str:
     """Pretrain W_0 on the first periods, meta-train Θ (Algorithm 1) up to ``until``."""
     from smlrec.config import SMLConfig
     from smlrec.daily import DailyConfig, bootstrap
@@ -112,7 +124,8 @@ def bootstrap_op(data_uri: str, state_uri: str, until: str, pretrain_periods: in
     from smlrec.registry import StateStore
 
     configure_threads()
-    cfg = DailyConfig(sml=SMLConfig(outer_steps=outer_steps), pretrain_periods=pretrain_periods,
+    cfg = DailyConfig(sml=SMLConfig(outer_steps=outer_steps, theta_init=theta_init),
+                      pretrain_periods=pretrain_periods,
                       pretrain_epochs=pretrain_epochs, seed=seed, device=str(pick_device()))
     return bootstrap(data_uri, StateStore(state_uri), cfg, until)["candidate"]
 
@@ -121,7 +134,7 @@ def bootstrap_op(data_uri: str, state_uri: str, until: str, pretrain_periods: in
               description="Run once before the daily pipeline: pretrain W_0, meta-train Θ.")
 def bootstrap_pipeline(until: str, data_uri: str = "data/ml-100k", state_uri: str = "state",
                        pretrain_periods: int = 10, pretrain_epochs: int = 20,
-                       outer_steps: int = 1, seed: int = 0):
+                       outer_steps: int = 3, theta_init: str = "identity", seed: int = 0):
     """Bootstrap the state store.
 
     Args:
@@ -131,9 +144,11 @@ def bootstrap_pipeline(until: str, data_uri: str = "data/ml-100k", state_uri: st
         pretrain_periods: How many first periods W_0 is trained on.
         pretrain_epochs: MF epochs for W_0.
         outer_steps: SML outer steps per meta-training period.
+        theta_init: "identity" (Θ starts as f(a, b) ≈ b, i.e. fine-tuning, so day one cannot
+            wreck the pretrained model) or "random" (the paper's initialisation).
         seed: Random seed.
     """
     _train_task(bootstrap_op(data_uri=data_uri, state_uri=state_uri, until=until,
                              pretrain_periods=pretrain_periods,
                              pretrain_epochs=pretrain_epochs, outer_steps=outer_steps,
-                             seed=seed))
+                             theta_init=theta_init, seed=seed))

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
 
 from kfp import local
 
-from pipelines.daily import bootstrap_pipeline, daily_pipeline
+from pipelines.daily import bootstrap_pipeline, local_daily_pipeline
 from smlrec.daily import is_done
+from smlrec.errors import SmlrecError
 from smlrec.registry import StateStore
 
 
@@ -33,13 +35,19 @@ def run_bootstrap(data_uri: str, state_uri: str, until: str, work_dir: str, **pa
     store = StateStore(_abs(state_uri))
     with store.lock("bootstrap"):
         init_local(work_dir)
-        bootstrap_pipeline(until=until, data_uri=_abs(data_uri), state_uri=_abs(state_uri),
-                           **params)
+        try:
+            bootstrap_pipeline(until=until, data_uri=_abs(data_uri),
+                               state_uri=_abs(state_uri), **params)
+        except RuntimeError as exc:
+            raise SmlrecError(f"bootstrap stopped: {_plain(str(exc))}") from exc
     return store.get_pointer("candidate")
 
 
+FEATURE_REPO = str(Path(__file__).resolve().parent.parent / "feature_repo")
+
+
 def run_daily(period: str, data_uri: str, state_uri: str, work_dir: str,
-              feature_repo: str = "feature_repo", feature_data: str | None = None,
+              feature_repo: str = FEATURE_REPO, feature_data: str | None = None,
               force: bool = False, **params) -> dict:
     """Run the daily pipeline locally for one period, holding the lock. Returns a summary
     (decision, scores, seconds), or ``{"skipped": True}`` when the period is already done."""
@@ -50,15 +58,23 @@ def run_daily(period: str, data_uri: str, state_uri: str, work_dir: str,
     start = time.perf_counter()
     with store.lock(f"daily {period}"):
         init_local(work_dir)
-        daily_pipeline(period=period, data_uri=_abs(data_uri), state_uri=_abs(state_uri),
-                       feature_repo=_abs(feature_repo), feature_data=_abs(feature_data),
-                       **params)
+        try:
+            local_daily_pipeline(period=period, data_uri=_abs(data_uri),
+                                 state_uri=_abs(state_uri), feature_repo=_abs(feature_repo),
+                                 feature_data=_abs(feature_data), **params)
+        except RuntimeError as exc:  # KFP names the failed task; the log above has its error
+            raise SmlrecError(f"daily run for {period} stopped: {_plain(str(exc))}") from exc
     decisions = [d for d in store.decisions() if d.get("period") == period]
     last = decisions[-1] if decisions else {}
     return {"period": period, "skipped": False, "decision": last.get("decision"),
             "scores": last.get("scores", {}), "seconds": time.perf_counter() - start,
             "production": store.get_pointer("production"),
             "candidate": store.get_pointer("candidate")}
+
+
+def _plain(text: str) -> str:
+    """Drop the terminal colour codes KFP puts in its messages."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def default_work_dir() -> str:

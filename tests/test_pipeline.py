@@ -1,0 +1,137 @@
+"""The daily pipeline end to end on KFP's real local runner, plus the compiled YAML."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kfp import compiler
+
+from pipelines.daily import bootstrap_pipeline, daily_pipeline
+from pipelines.local import run_bootstrap, run_daily
+from smlrec.data.store import list_periods
+from smlrec.data.synthetic import write_synthetic
+from smlrec.errors import SmlrecError
+from smlrec.registry import StateStore
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = {"outer_steps": 3}
+
+
+@pytest.mark.parametrize("fn, name", [(daily_pipeline, "daily.yaml"),
+                                      (bootstrap_pipeline, "bootstrap.yaml")])
+def test_committed_yaml_matches_the_code(fn, name, tmp_path):
+    out = tmp_path / name
+    compiler.Compiler().compile(fn, str(out))
+    committed = yaml.safe_load((ROOT / "pipelines" / name).read_text())
+    fresh = yaml.safe_load(out.read_text())
+    for doc in (committed, fresh):
+        doc.get("sdkVersion") and doc.pop("sdkVersion")
+    assert fresh == committed, f"pipelines/{name} is stale: run `smlrec pipeline compile`"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("pipe-data") / "data")
+    write_synthetic(root, n_users=300, n_items=100, n_periods=9, interactions_per_period=1500,
+                    returning_share=0.8, drift=0.1, seed=3, popularity_skew=0.0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def booted_once(data, tmp_path_factory):
+    base = tmp_path_factory.mktemp("pipe-state")
+    run_bootstrap(data, str(base / "state"), list_periods(data)[5], str(base / "kfp"),
+                  pretrain_periods=3, pretrain_epochs=10, outer_steps=3)
+    return base / "state"
+
+
+@pytest.fixture
+def state(booted_once, tmp_path):
+    shutil.copytree(booted_once, tmp_path / "state")
+    return str(tmp_path / "state")
+
+
+def tree_digest(path: str) -> dict[str, str]:
+    out = {}
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_bootstrap_made_a_candidate(booted_once, data):
+    store = StateStore(str(booted_once))
+    assert store.get_pointer("candidate") == list_periods(data)[5]
+    assert store.get_pointer("production") is None
+
+
+def test_good_period_is_promoted_packaged_and_becomes_the_base(state, data, tmp_path):
+    p = list_periods(data)
+    r = run_daily(p[6], data, state, str(tmp_path / "kfp"), bentoml_home=str(tmp_path / "bento"),
+                  **FAST)
+    assert r["decision"] == "promote", r
+    store = StateStore(state)
+    assert store.get_pointer("production") == p[5] and store.get_pointer("candidate") == p[6]
+    models = list((tmp_path / "bento" / "models" / "smlrec-mf").glob("*/model.yaml"))
+    assert len(models) == 1 and f"period: '{p[5]}'" in models[0].read_text()
+    assert (Path(state) / "features").exists()
+    # Re-running a finished period changes nothing.
+    before = tree_digest(state)
+    assert run_daily(p[6], data, state, str(tmp_path / "kfp2"), **FAST)["skipped"]
+    assert tree_digest(state) == before
+
+
+def test_bad_data_stops_at_validation_and_changes_nothing(state, data, tmp_path):
+    p = list_periods(data)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user,item_id,timestamp\n1,2,2024-01-07T10:00:00Z\n")  # no user_id
+    before, data_before = tree_digest(state), tree_digest(data)
+    with pytest.raises(SmlrecError, match="validate-op"):
+        run_daily(p[6], data, state, str(tmp_path / "kfp"), input_file=str(bad), **FAST)
+    assert tree_digest(state) == before
+    assert tree_digest(data) == data_before
+
+
+def test_worse_candidate_is_rejected_and_the_incumbent_kept(state, data, tmp_path):
+    p = list_periods(data)
+    run_daily(p[6], data, state, str(tmp_path / "kfp1"), **FAST)  # promotes p[5]
+    store = StateStore(state)
+    tensors, meta, users, items = store.load_period(p[6])
+    store.save_period(p[6], {**tensors, "w.user": tensors["w.user"] * 0}, meta, users, items)
+    r = run_daily(p[7], data, state, str(tmp_path / "kfp2"), **FAST)
+    assert r["decision"] == "reject"
+    assert store.get_pointer("production") == p[5]
+    assert store.get_pointer("candidate") == p[7]
+    assert [d["decision"] for d in store.decisions()] == ["promote", "reject"]
+
+
+def test_a_killed_run_leaves_consistent_state_and_the_next_run_completes(state, data, tmp_path):
+    p = list_periods(data)
+    store = StateStore(state)
+    env = {**os.environ, "SMLREC_KFP_DIR": str(tmp_path / "kfp")}
+    cmd = [sys.executable, "-m", "smlrec.cli", "pipeline", "run", "--period", p[6],
+           "--data-uri", data, "--state-uri", state]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not store.decisions() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run: after the gate, during training
+    proc.wait()
+    for name in ("production", "candidate"):  # pointers name complete, verified bundles
+        pid = store.get_pointer(name)
+        if pid is not None:
+            store.load_period(pid)
+    r = run_daily(p[6], data, state, str(tmp_path / "kfp-again"), **FAST)
+    assert r["decision"] == "promote" and store.get_pointer("candidate") == p[6]
+    store.load_period(p[6])
