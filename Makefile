@@ -11,7 +11,7 @@ OUT ?= runs/backtest-ml100k
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run test bench lint fmt clean
+.PHONY: setup run backtest test bench lint fmt clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,14 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, smlrec; print('smlrec ready, torch', torch.__version__)"
 	touch $@
 
-## The main job: fetch MovieLens-100k from the recbole wheel and run the SML backtest.
+## The main job: fetch MovieLens-100k (from the recbole wheel), bootstrap SML on its first
+## weeks, then run the daily Kubeflow pipeline locally for every later week, with a report.
 run: setup
+	$(VENV)/bin/smlrec data fetch
+	$(VENV)/bin/smlrec pipeline demo --data-uri data/ml-100k --state-uri runs/state --out runs/report.html
+
+## The SML backtest against the retraining baselines on MovieLens-100k.
+backtest: setup
 	$(VENV)/bin/smlrec data fetch
 	$(VENV)/bin/smlrec backtest --dataset ml-100k --period 7D --methods sml,full,finetune,window,pop --out $(OUT)
 

@@ -43,8 +43,8 @@ def bootstrap(until: Annotated[str, typer.Option(help="Last meta-training period
               data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "state",
               pretrain_periods: int = 10, pretrain_epochs: int = 20, outer_steps: int = 3,
               theta_init: Annotated[str, typer.Option(
-                  help="identity: Θ starts as fine-tuning; random: the paper's init.")]
-              = "identity", seed: int = 0) -> None:
+                  help="random: the paper's init of Θ; identity: Θ starts as fine-tuning.")]
+              = "random", seed: int = 0) -> None:
     """Run once before the daily runs: pretrain W_0 and meta-train Θ up to --until."""
     from pipelines.local import default_work_dir, run_bootstrap
 
@@ -136,3 +136,56 @@ def schedule(host: Annotated[str, typer.Option(help="Kubeflow Pipelines API endp
         params={"period": "scheduled", "data_uri": data_uri, "state_uri": state_uri},
         enable_caching=False)
     typer.echo(f"scheduled recurring run {job.recurring_run_id} ({cron})")
+
+
+@app.command()
+@reports_errors
+def report(state_uri: StateOpt = "state",
+           out: Annotated[Path, typer.Option(help="HTML file to write.")]
+           = Path("runs/report.html")) -> None:
+    """Write the gate's history (chart and table of every decision) as an HTML page."""
+    from smlrec.registry import StateStore
+    from smlrec.report import decisions_html
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(decisions_html(StateStore(state_uri).decisions()))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+@reports_errors
+def demo(data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
+         pretrain_periods: Annotated[int, typer.Option(help="Bootstrap: W_0's periods.")] = 10,
+         meta_periods: Annotated[int, typer.Option(help="Bootstrap: meta-training periods.")]
+         = 12,
+         period_spec: Annotated[str, typer.Option(help="The stored period length.")] = "7D",
+         out: Annotated[Path, typer.Option(help="HTML report.")] = Path("runs/report.html")
+         ) -> None:
+    """The embedded production loop on stored data: bootstrap on the first periods (once),
+    then the daily pipeline for every later period in order (skipping finished ones),
+    a table per period and an HTML report of the history."""
+    from pipelines.local import default_work_dir, run_bootstrap, run_daily, summary_line
+    from smlrec.data.store import list_periods
+    from smlrec.registry import StateStore
+    from smlrec.report import decisions_html
+
+    periods = list_periods(data_uri)
+    until = pretrain_periods + meta_periods
+    if len(periods) <= until:
+        raise typer.BadParameter(f"{data_uri} has {len(periods)} periods; the demo needs more "
+                                 f"than {until}")
+    store = StateStore(state_uri)
+    if store.get_pointer("candidate") is None:
+        typer.echo(f"bootstrap: pretrain on {periods[0]}..{periods[pretrain_periods - 1]}, "
+                   f"meta-train until {periods[until - 1]}")
+        run_bootstrap(data_uri, state_uri, periods[until - 1], default_work_dir(),
+                      pretrain_periods=pretrain_periods)
+    typer.echo(f"{'period':<11} {'decision':<8} {'candidate':>14} {'incumbent':>10} "
+               f"{'popularity':>10}  (NDCG@20 on the new period), run time")
+    for p in periods[until:]:
+        typer.echo(summary_line(run_daily(p, data_uri, state_uri, default_work_dir(),
+                                          period_spec=period_spec)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(decisions_html(store.decisions()))
+    typer.echo(f"production model: period {store.get_pointer('production')}; "
+               f"candidate: {store.get_pointer('candidate')}; report: {out}")

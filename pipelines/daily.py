@@ -134,7 +134,7 @@ def bootstrap_op(data_uri: str, state_uri: str, until: str, pretrain_periods: in
               description="Run once before the daily pipeline: pretrain W_0, meta-train Θ.")
 def bootstrap_pipeline(until: str, data_uri: str = "data/ml-100k", state_uri: str = "state",
                        pretrain_periods: int = 10, pretrain_epochs: int = 20,
-                       outer_steps: int = 3, theta_init: str = "identity", seed: int = 0):
+                       outer_steps: int = 3, theta_init: str = "random", seed: int = 0):
     """Bootstrap the state store.
 
     Args:
@@ -144,8 +144,8 @@ def bootstrap_pipeline(until: str, data_uri: str = "data/ml-100k", state_uri: st
         pretrain_periods: How many first periods W_0 is trained on.
         pretrain_epochs: MF epochs for W_0.
         outer_steps: SML outer steps per meta-training period.
-        theta_init: "identity" (Θ starts as f(a, b) ≈ b, i.e. fine-tuning, so day one cannot
-            wreck the pretrained model) or "random" (the paper's initialisation).
+        theta_init: "random" (the paper's initialisation of Θ) or "identity" (Θ first fitted
+            to f(a, b) ≈ b, so the transfer starts as fine-tuning).
         seed: Random seed.
     """
     _train_task(bootstrap_op(data_uri=data_uri, state_uri=state_uri, until=until,

@@ -73,7 +73,8 @@ class Split(_Config):
 # Candidate hyper-parameters per method. Chosen by validation NDCG@20 only.
 DEFAULT_GRIDS: dict[str, list[dict]] = {
     "sml": [{"outer_steps": 1}, {"outer_steps": 3},
-            {"outer_steps": 3, "schedule": "official"}],
+            {"outer_steps": 3, "schedule": "official"},
+            {"outer_steps": 3, "theta_init": "identity"}],
     "full": [{"epochs": 1}, {"epochs": 5}, {"epochs": 20}],
     "finetune": [{"epochs": 1}, {"epochs": 5}, {"epochs": 20}],
     "window": [{"window": 3, "epochs": 5}, {"window": 3, "epochs": 20}],

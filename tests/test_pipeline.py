@@ -50,7 +50,7 @@ def data(tmp_path_factory):
 def booted_once(data, tmp_path_factory):
     base = tmp_path_factory.mktemp("pipe-state")
     run_bootstrap(data, str(base / "state"), list_periods(data)[5], str(base / "kfp"),
-                  pretrain_periods=3, pretrain_epochs=10, outer_steps=3)
+                  pretrain_periods=3, pretrain_epochs=10, outer_steps=3, theta_init="identity")
     return base / "state"
 
 
