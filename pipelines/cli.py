@@ -62,15 +62,14 @@ def run(period: Annotated[str, typer.Option(help="Period to process, YYYY-MM-DD.
             help="Raw file of the period to validate and import (default: the stored one).")]
         = "",
         period_spec: Annotated[str, typer.Option(help="Period length: 1D, 7D...")] = "1D",
-        tolerance: float = 0.05, outer_steps: int = 3, seed: int = 0,
-        force: Annotated[bool, typer.Option(help="Run even if the period is done.")] = False
-        ) -> None:
-    """Run the daily pipeline for one period with KFP's local runner."""
+        tolerance: float = 0.05, outer_steps: int = 3, seed: int = 0) -> None:
+    """Run the daily pipeline for one period with KFP's local runner. A period already done
+    is skipped: re-gating it would test its own candidate on its own training data."""
     from pipelines.local import default_work_dir, run_daily, summary_line
 
     r = run_daily(period, data_uri, state_uri, default_work_dir(), input_file=input_file,
                   period_spec=period_spec, tolerance=tolerance, outer_steps=outer_steps,
-                  seed=seed, force=force)
+                  seed=seed)
     typer.echo(summary_line(r))
 
 

@@ -48,14 +48,14 @@ FEATURE_REPO = str(Path(__file__).resolve().parent.parent / "feature_repo")
 
 def run_daily(period: str, data_uri: str, state_uri: str, work_dir: str,
               feature_repo: str = FEATURE_REPO, feature_data: str | None = None,
-              force: bool = False, **params) -> dict:
+              **params) -> dict:
     """Run the daily pipeline locally for one period, holding the lock. Returns a summary
     (decision, scores, seconds), or ``{"skipped": True}`` when the period is already done."""
     store = StateStore(_abs(state_uri))
-    if is_done(store, period) and not force:
+    if is_done(store, period):
         return {"period": period, "skipped": True}
     feature_data = feature_data or str(Path(_abs(state_uri)) / "features")
-    start = time.perf_counter()
+    start, wall_start = time.perf_counter(), time.time()
     with store.lock(f"daily {period}"):
         init_local(work_dir)
         try:
@@ -68,8 +68,25 @@ def run_daily(period: str, data_uri: str, state_uri: str, work_dir: str,
     last = decisions[-1] if decisions else {}
     return {"period": period, "skipped": False, "decision": last.get("decision"),
             "scores": last.get("scores", {}), "seconds": time.perf_counter() - start,
+            "steps": step_seconds(Path(work_dir) / "outputs", wall_start),
             "production": store.get_pointer("production"),
             "candidate": store.get_pointer("candidate")}
+
+
+def step_seconds(outputs: Path, since: float) -> dict[str, float]:
+    """Wall seconds of each task of the latest local run under ``outputs`` (tasks run one
+    after another; each ends when it writes its executor_output.json). Includes each
+    task's process start, which is what a step costs on the local runner."""
+    runs = sorted(outputs.glob("smlrec-daily-*"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        return {}
+    ends = sorted((f.stat().st_mtime, f.parent.name.removesuffix("-op"))
+                  for f in runs[-1].rglob("executor_output.json"))
+    out, prev = {}, since
+    for end, name in ends:
+        out[name] = round(end - prev, 2)
+        prev = end
+    return out
 
 
 def _plain(text: str) -> str:
@@ -90,9 +107,10 @@ def summary_line(r: dict) -> str:
         v = s.get(name, {}).get("ndcg@20")
         return "   -  " if v is None else f"{v:.4f}"
 
+    steps = " ".join(f"{k} {v:.1f}" for k, v in r.get("steps", {}).items())
     return (f"{r['period']}  {r['decision'] or '-':<8} cand {ndcg('candidate')}  inc "
             f"{ndcg('incumbent')}  pop {ndcg('popularity')}  {r['seconds']:6.1f} s  "
-            f"production={r['production']}")
+            f"production={r['production']}  [{steps}]")
 
 
 def dumps(obj: dict) -> str:
