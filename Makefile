@@ -40,8 +40,10 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
+## Benchmarks (figures saved under benchmarks/results/): the backtest, then one daily run.
 bench: setup
-	$(PY) benchmarks/backtest.py
+	$(PY) -m benchmarks.backtest --no-progress
+	$(PY) -m benchmarks.daily_run
 
 lint: setup
 	$(VENV)/bin/ruff check .

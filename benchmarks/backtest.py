@@ -4,9 +4,9 @@ Prints, per dataset, SML's NDCG@20 over the best baseline's and SML's training t
 the last period over Full-retrain's, and whether SML's time per period stays flat as
 history grows. Saves everything under benchmarks/results/ with the hardware it ran on.
 
-    python benchmarks/backtest.py                 # both datasets, auto device
-    python benchmarks/backtest.py --device cuda   # on a GPU machine
-    python benchmarks/backtest.py --only synthetic
+    python -m benchmarks.backtest                 # both datasets, auto device
+    python -m benchmarks.backtest --device cuda   # on a GPU machine
+    python -m benchmarks.backtest --only synthetic
 """
 
 from __future__ import annotations
