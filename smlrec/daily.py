@@ -205,13 +205,20 @@ def meta_update_step(frame: pd.DataFrame, store: StateStore, period_id: str, cfg
             "seconds": time.perf_counter() - start}
 
 
+def _resume(frame: pd.DataFrame, in_url: str, cfg: DailyConfig
+            ) -> tuple[SML, Vocab, Vocab, dict]:
+    """Load the state an earlier task saved mid-period and resume period t on ``frame``."""
+    sml, users, items, meta = load_sml(in_url, cfg)
+    d = PeriodData(meta["period_id"], users.lookup(frame[USER]), items.lookup(frame[ITEM]))
+    _begin(sml, d, users, items)
+    return sml, users, items, meta
+
+
 def learn_step(frame: pd.DataFrame, in_url: str, cfg: DailyConfig, out_url: str) -> dict:
     """Step 1 (and the remaining outer steps): learn Ŵ_t on D_t; save to ``out_url``."""
-    sml, users, items, meta = load_sml(in_url, cfg)
-    period_id = meta["period_id"]
-    d = PeriodData(period_id, users.lookup(frame[USER]), items.lookup(frame[ITEM]))
     start = time.perf_counter()
-    _begin(sml, d, users, items)
+    sml, users, items, meta = _resume(frame, in_url, cfg)
+    period_id = meta["period_id"]
     sml.learn()
     save_sml(out_url, sml, users, items, base_period=meta["base_period"], period_id=period_id)
     return {"what_loss": _mean(sml._what_losses), "seconds": time.perf_counter() - start}
@@ -220,11 +227,9 @@ def learn_step(frame: pd.DataFrame, in_url: str, cfg: DailyConfig, out_url: str)
 def transfer_step(frame: pd.DataFrame, in_url: str, store: StateStore, cfg: DailyConfig
                   ) -> dict:
     """W_t = f_Θ(W_prev, Ŵ_t); the bundle goes into the state store as the new candidate."""
-    sml, users, items, meta = load_sml(in_url, cfg)
-    period_id = meta["period_id"]
-    d = PeriodData(period_id, users.lookup(frame[USER]), items.lookup(frame[ITEM]))
     start = time.perf_counter()
-    _begin(sml, d, users, items)
+    sml, users, items, meta = _resume(frame, in_url, cfg)
+    period_id = meta["period_id"]
     sml.transfer()
     sml._known = None
     save_sml(store.period_uri(period_id), sml, users, items, base_period=meta["base_period"],
