@@ -114,8 +114,10 @@ def generate_stream(
 ) -> pd.DataFrame:
     """Generate a canonical interactions frame (no ratings), the same for the same arguments.
 
-    ``start`` is a date inside the first period; timestamps are whole seconds drawn uniformly
-    inside each period. User ids are ``u<n>``, item ids ``i<n>``.
+    ``start`` is a date inside the first period; timestamps are whole microseconds drawn
+    uniformly inside each period (fine enough that even 10^6 rows a day do not repeat a
+    (user, item, timestamp) row, which validation would refuse as a duplicate). User ids
+    are ``u<n>``, item ids ``i<n>``.
     """
     _check_args(n_users, n_items, n_periods, interactions_per_period, returning_share, drift)
     if temperature <= 0 or dim < 1:
@@ -139,8 +141,8 @@ def generate_stream(
         counts = 1 + rng.multinomial(interactions_per_period - len(active), weights)
         items = _sample_items(rng, user_vecs[active], item_vecs, log_pop, counts, temperature)
         begin = first + t * step
-        seconds = rng.integers(0, int(step.total_seconds()), size=len(items))
-        frames.append(_period_frame(np.repeat(active, counts), items, seconds, begin))
+        micros = rng.integers(0, int(step.total_seconds() * 1e6), size=len(items))
+        frames.append(_period_frame(np.repeat(active, counts), items, micros, begin))
     df = pd.concat(frames, ignore_index=True)
     df[USER] = _names("u", n_users)[df[USER].to_numpy()]
     df[ITEM] = _names("i", n_items)[df[ITEM].to_numpy()]
@@ -148,15 +150,15 @@ def generate_stream(
 
 
 def _period_frame(
-    users: np.ndarray, items: np.ndarray, seconds: np.ndarray, begin: pd.Timestamp
+    users: np.ndarray, items: np.ndarray, micros: np.ndarray, begin: pd.Timestamp
 ) -> pd.DataFrame:
     """Build one period's rows (ids still as indices), sorted by time, then user, then item."""
-    order = np.lexsort((items, users, seconds))
+    order = np.lexsort((items, users, micros))
     return pd.DataFrame(
         {
             USER: users[order],
             ITEM: items[order],
-            TS: begin + pd.to_timedelta(seconds[order], unit="s"),
+            TS: begin + pd.to_timedelta(micros[order], unit="us"),
             PERIOD: period_id(begin),
         }
     )
