@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -112,6 +111,3 @@ def summary_line(r: dict) -> str:
             f"{ndcg('incumbent')}  pop {ndcg('popularity')}  {r['seconds']:6.1f} s  "
             f"production={r['production']}  [{steps}]")
 
-
-def dumps(obj: dict) -> str:
-    return json.dumps(obj, indent=2, default=str)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -32,16 +33,31 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+TMP_PREFIX = ".tmp-"
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str,
+                 write: Callable[[Any], object]) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then move it onto ``path``;
+    a failure leaves the old file (or none) and no temporary behind."""
+    folder, _, name = path.rpartition("/")
+    if folder:
+        fs.makedirs(folder, exist_ok=True)
+    tmp = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}" if folder else \
+        f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    try:
+        with fs.open(tmp, "wb") as fh:
+            write(fh)
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> str:
-    """Write ``data`` to ``url`` through a temporary sibling and a rename. Returns sha256."""
+    """Write ``data`` to ``url`` atomically (see ``atomic_write``). Returns its sha256."""
     fs, path = _fs(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as fh:
-        fh.write(data)
-    fs.mv(tmp, path)
+    atomic_write(fs, path, lambda fh: fh.write(data))
     return sha256_bytes(data)
 
 

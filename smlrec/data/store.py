@@ -17,8 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +29,7 @@ from fsspec.spec import AbstractFileSystem
 
 from smlrec.data.periods import parse_period
 from smlrec.errors import DataError
+from smlrec.io import atomic_write
 from smlrec.schema import ITEM, PERIOD, RATING, REQUIRED, TS, USER
 
 INTERACTIONS_DIR = "interactions"
@@ -39,7 +39,6 @@ PART_FILE = "part-0.parquet"
 _PERIOD_ID = re.compile(r"\d{4}-\d{2}-\d{2}")
 _PARTITION = re.compile(rf"period=({_PERIOD_ID.pattern})")
 _SIDE_NAME = re.compile(r"[a-z][a-z0-9_]*")
-_TMP_PREFIX = ".tmp-"
 
 
 def _fs(root: str) -> tuple[AbstractFileSystem, str]:
@@ -48,23 +47,9 @@ def _fs(root: str) -> tuple[AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def _atomic_write(fs: AbstractFileSystem, path: str, write: Callable[[Any], object]) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then move it onto ``path``."""
-    folder, _, name = path.rpartition("/")
-    fs.makedirs(folder, exist_ok=True)
-    tmp = f"{folder}/{_TMP_PREFIX}{uuid.uuid4().hex}-{name}"
-    try:
-        with fs.open(tmp, "wb") as f:
-            write(f)
-        fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-
-
 def _write_parquet(fs: AbstractFileSystem, path: str, table: pa.Table) -> None:
     """Write ``table`` to ``path`` atomically."""
-    _atomic_write(fs, path, lambda f: pq.write_table(table, f))
+    atomic_write(fs, path, lambda f: pq.write_table(table, f))
 
 
 def _interaction_table(df: pd.DataFrame) -> pa.Table:
@@ -258,7 +243,7 @@ def write_dataset_info(
     }
     fs, path = _fs(root)
     text = json.dumps(info, indent=2) + "\n"
-    _atomic_write(fs, f"{path}/{INFO_FILE}", lambda f: f.write(text.encode()))
+    atomic_write(fs, f"{path}/{INFO_FILE}", lambda f: f.write(text.encode()))
     return info
 
 
