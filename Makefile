@@ -11,7 +11,7 @@ OUT ?= runs/backtest-ml100k
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run backtest test bench lint fmt clean
+.PHONY: setup run serve bento backtest test bench lint fmt clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,23 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/smlrec data fetch
 	$(VENV)/bin/smlrec pipeline demo --data-uri data/ml-100k --state-uri runs/state --out runs/report.html
+
+## The prediction API on 127.0.0.1:3000 (docs at /docs), serving what `make run` packaged
+## into runs/bentoml, with the Feast online store it filled. Override BENTOML_HOME,
+## SMLREC_MODEL_SOURCE (e.g. runs/state), SMLREC_CANARY_SHARE... (see serving/service.py).
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 3000
+serve: setup
+	BENTOML_HOME=$${BENTOML_HOME:-$(CURDIR)/runs/bentoml} \
+	SMLREC_FEATURE_REPO=$${SMLREC_FEATURE_REPO:-$(CURDIR)/feature_repo} \
+	SMLREC_FEATURE_DATA=$${SMLREC_FEATURE_DATA:-$(CURDIR)/runs/state/features} \
+	$(VENV)/bin/bentoml serve serving.service:Recommender --host $(SERVE_HOST) --port $(SERVE_PORT)
+
+## A Bento of the prediction API (offline: requirements from pyproject.toml, no locking).
+bento: setup
+	$(PY) -m serving.requirements build/requirements-serving.txt
+	BENTOML_HOME=$${BENTOML_HOME:-$(CURDIR)/runs/bentoml} \
+	$(VENV)/bin/bentoml build -f serving/bentofile.yaml .
 
 ## The SML backtest against the retraining baselines on MovieLens-100k.
 backtest: setup

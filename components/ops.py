@@ -155,16 +155,18 @@ def transfer_op(state_uri: str, seed: int, training_frame: Input[Dataset],
 
 
 @component
-def package_op(state_uri: str, period: str, bentoml_home: str) -> str:
-    """Put the production model into the BentoML model store (labels: stage, period)."""
+def package_op(state_uri: str, period: str, bentoml_home: str, stage: str = "production",
+               data_uri: str = "") -> str:
+    """Put the stage's model (production or candidate) into the BentoML model store, labelled
+    with stage and period, with the period's popular items from ``data_uri``."""
     import os
 
     if bentoml_home:
         os.environ["BENTOML_HOME"] = bentoml_home
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    from components.packaging import package_production
+    from components.packaging import package
 
-    return package_production(state_uri, decided_in=period)
+    return package(state_uri, stage, decided_in=period, data_uri=data_uri)
 
 
 @component

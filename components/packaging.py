@@ -1,4 +1,11 @@
-"""Package the production model into the BentoML model store (the serving side's input)."""
+"""Package models into the BentoML model store (the serving side's input).
+
+Two model names, one per stage: ``smlrec-mf`` holds production models (what the service's
+``BentoModel("smlrec-mf:latest")`` and ``bentoml build`` pick up), ``smlrec-mf-candidate``
+the newest candidates, which the service gives to its canary share of users. Each model is
+a bundle (safetensors weights ``user`` / ``item`` = W = (U, V), the id vocabularies, the
+period's most popular items, a sha256 manifest) labelled with stage and period.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +17,40 @@ from smlrec.io import save_bundle
 from smlrec.registry import StateStore
 
 MODEL_NAME = "smlrec-mf"
+CANDIDATE_MODEL_NAME = "smlrec-mf-candidate"
+NAMES = {"production": MODEL_NAME, "candidate": CANDIDATE_MODEL_NAME}
+POPULAR_K = 100
 
 
-def package_production(state_uri: str, decided_in: str | None = None) -> str:
-    """Store the production model's serving weights (W = U, V), its vocabularies and its gate
-    metrics as a BentoML model labelled with stage and period. Idempotent: a period that is
-    already packaged is not packaged again. Returns the model tag."""
+def popular_items(data_uri: str, period: str, k: int = POPULAR_K) -> list[str]:
+    """The ``k`` most interacted-with item ids of ``period`` in the data store (ties by id)."""
+    from smlrec.data.store import read_period
+    from smlrec.schema import ITEM
+
+    items = read_period(data_uri, period, columns=[ITEM])[ITEM].astype(str)
+    counts = items.value_counts()
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [item for item, _ in ranked[:k]]
+
+
+def package(state_uri: str, stage: str = "production", decided_in: str | None = None,
+            data_uri: str = "") -> str:
+    """Store the ``stage`` pointer's model (serving weights, vocabularies, gate metrics and,
+    with ``data_uri``, period ``decided_in``'s popular items) as a BentoML model labelled with
+    stage and period. Idempotent: a period already packaged for the stage is not packaged
+    again. Returns the model tag."""
+    if stage not in NAMES:
+        raise ValueError(f"stage must be production or candidate, not {stage!r}")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     import bentoml
 
+    name = NAMES[stage]
     store = StateStore(state_uri)
-    period = store.get_pointer("production")
+    period = store.get_pointer(stage)
     if period is None:
-        raise SmlrecError(f"{state_uri}: no production model to package")
+        raise SmlrecError(f"{state_uri}: no {stage} model to package")
     try:
-        existing = bentoml.models.list(MODEL_NAME)
+        existing = bentoml.models.list(name)
     except bentoml.exceptions.NotFound:  # the first model of this name
         existing = []
     for model in existing:
@@ -34,14 +60,21 @@ def package_production(state_uri: str, decided_in: str | None = None) -> str:
     decisions = [d for d in store.decisions()
                  if d.get("candidate") == period and d.get("decision") == "promote"]
     scores = decisions[-1]["scores"] if decisions else {}
+    popular = popular_items(data_uri, decided_in) if data_uri and decided_in else []
     metadata = {"period": period, "decided_in": decided_in or "", "dim": int(
         tensors["w.user"].shape[1]), "n_users": len(users), "n_items": len(items),
         "gate": json.dumps(scores)}
-    with bentoml.models.create(MODEL_NAME, labels={"stage": "production", "period": period},
+    with bentoml.models.create(name, labels={"stage": stage, "period": period},
                                metadata=metadata) as model:
         save_bundle(model.path_of("bundle"),
                     {"user": tensors["w.user"], "item": tensors["w.item"]},
-                    {"period": period, "gate": scores},
+                    {"period": period, "stage": stage, "gate": scores},
                     {"vocab_users.json": users.to_json().encode(),
-                     "vocab_items.json": items.to_json().encode()})
+                     "vocab_items.json": items.to_json().encode(),
+                     "popular.json": json.dumps(popular).encode()})
     return str(model.tag)
+
+
+def package_production(state_uri: str, decided_in: str | None = None, data_uri: str = "") -> str:
+    """Package the production model (see :func:`package`)."""
+    return package(state_uri, "production", decided_in, data_uri)

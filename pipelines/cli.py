@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,9 @@ BOOTSTRAP_YAML = HERE / "bootstrap.yaml"
 
 DataOpt = Annotated[str, typer.Option(help="Period-partitioned interaction store.")]
 StateOpt = Annotated[str, typer.Option(help="State store (models, pointers, decisions).")]
+BentoOpt = Annotated[str, typer.Option(
+    help="BentoML model store the package steps write to and `make serve` reads (default: "
+    "$BENTOML_HOME, else ~/bentoml).")]
 
 
 @app.command()
@@ -62,14 +66,15 @@ def run(period: Annotated[str, typer.Option(help="Period to process, YYYY-MM-DD.
             help="Raw file of the period to validate and import (default: the stored one).")]
         = "",
         period_spec: Annotated[str, typer.Option(help="Period length: 1D, 7D...")] = "1D",
-        tolerance: float = 0.05, outer_steps: int = 3, seed: int = 0) -> None:
+        tolerance: float = 0.05, outer_steps: int = 3, seed: int = 0,
+        bentoml_home: BentoOpt = "") -> None:
     """Run the daily pipeline for one period with KFP's local runner. A period already done
     is skipped: re-gating it would test its own candidate on its own training data."""
     from pipelines.local import default_work_dir, run_daily, summary_line
 
     r = run_daily(period, data_uri, state_uri, default_work_dir(), input_file=input_file,
                   period_spec=period_spec, tolerance=tolerance, outer_steps=outer_steps,
-                  seed=seed)
+                  seed=seed, bentoml_home=_abs_or_empty(bentoml_home))
     typer.echo(summary_line(r))
 
 
@@ -79,7 +84,7 @@ def backfill(start: Annotated[str, typer.Option("--from", help="First period, YY
              end: Annotated[str, typer.Option("--to", help="Last period, inclusive.")],
              data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "state",
              period_spec: str = "1D", tolerance: float = 0.05, outer_steps: int = 3,
-             seed: int = 0) -> None:
+             seed: int = 0, bentoml_home: BentoOpt = "") -> None:
     """Run the daily pipeline for every stored period in a range, in order, skipping the
     periods already done (the embedded schedule; safe to re-run)."""
     from pipelines.local import default_work_dir, run_daily, summary_line
@@ -91,7 +96,14 @@ def backfill(start: Annotated[str, typer.Option("--from", help="First period, YY
     for p in periods:
         typer.echo(summary_line(run_daily(p, data_uri, state_uri, default_work_dir(),
                                           period_spec=period_spec, tolerance=tolerance,
-                                          outer_steps=outer_steps, seed=seed)))
+                                          outer_steps=outer_steps, seed=seed,
+                                          bentoml_home=_abs_or_empty(bentoml_home))))
+
+
+def _abs_or_empty(path: str) -> str:
+    """An absolute local path (KFP's local tasks run elsewhere), or '' for BentoML's default."""
+    path = path or os.environ.get("BENTOML_HOME", "")
+    return str(Path(path).resolve()) if path and "://" not in path else path
 
 
 def _client(host: str):
@@ -158,8 +170,8 @@ def demo(data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
          meta_periods: Annotated[int, typer.Option(help="Bootstrap: meta-training periods.")]
          = 12,
          period_spec: Annotated[str, typer.Option(help="The stored period length.")] = "7D",
-         out: Annotated[Path, typer.Option(help="HTML report.")] = Path("runs/report.html")
-         ) -> None:
+         out: Annotated[Path, typer.Option(help="HTML report.")] = Path("runs/report.html"),
+         bentoml_home: BentoOpt = "runs/bentoml") -> None:
     """The embedded production loop on stored data: bootstrap on the first periods (once),
     then the daily pipeline for every later period in order (skipping finished ones),
     a table per period and an HTML report of the history."""
@@ -183,8 +195,10 @@ def demo(data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
                f"{'popularity':>10}  (NDCG@20 on the new period), run time")
     for p in periods[until:]:
         typer.echo(summary_line(run_daily(p, data_uri, state_uri, default_work_dir(),
-                                          period_spec=period_spec)))
+                                          period_spec=period_spec,
+                                          bentoml_home=_abs_or_empty(bentoml_home))))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(decisions_html(store.decisions()))
     typer.echo(f"production model: period {store.get_pointer('production')}; "
-               f"candidate: {store.get_pointer('candidate')}; report: {out}")
+               f"candidate: {store.get_pointer('candidate')}; report: {out}; "
+               f"served by `make serve` from {bentoml_home}")

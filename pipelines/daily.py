@@ -96,8 +96,8 @@ def build_daily_pipeline(for_cluster: bool = True):
                        seed=seed).after(features)
         gate.set_caching_options(False)
         with dsl.If(gate.outputs["Output"] == "promote", name="promoted"):
-            package_op(state_uri=state_uri, period=period,
-                       bentoml_home=bentoml_home).set_caching_options(False)
+            package_op(state_uri=state_uri, period=period, bentoml_home=bentoml_home,
+                       stage="production", data_uri=data_uri).set_caching_options(False)
         meta = _train_task(meta_update_op(period=period, state_uri=state_uri,
                                           outer_steps=outer_steps, seed=seed,
                                           training_frame=frame).after(gate))
@@ -105,6 +105,11 @@ def build_daily_pipeline(for_cluster: bool = True):
                                      state_in=meta.outputs["state"]))
         transfer = _train_task(transfer_op(state_uri=state_uri, seed=seed, training_frame=frame,
                                            state_in=learn.outputs["state"]))
+        package_candidate = package_op(state_uri=state_uri, period=period,
+                                       bentoml_home=bentoml_home, stage="candidate",
+                                       data_uri=data_uri).after(transfer)
+        package_candidate.set_caching_options(False)
+        package_candidate.set_display_name("package-candidate")
         report_op(state_uri=state_uri).after(transfer).set_caching_options(False)
 
     return pipeline

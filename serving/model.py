@@ -1,0 +1,180 @@
+"""The served model: MF embeddings on the device, id maps, top-k by batched matrix product.
+
+Pure torch (no BentoML here), so the same code is timed in-process by the serving benchmark
+and called by the HTTP service. A :class:`ServedModel` is immutable once built: a hot swap
+replaces the whole object, and a request that took a reference keeps a consistent model to
+the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from smlrec.io import load_bundle
+from smlrec.vocab import Vocab
+
+STAGES = ("production", "candidate")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What answers: stage, version (a BentoML tag or ``state:<period>``), period, gate."""
+
+    stage: str
+    version: str
+    period: str
+    gate: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """One request's answer: item rows (best first) and their scores."""
+
+    rows: list[int]
+    scores: list[float]
+
+
+def canary_bucket(user_id: str) -> float:
+    """A stable number in [0, 1) for ``user_id`` (sha256, so the same on every worker and
+    every restart, unlike Python's salted ``hash``). Users below the canary share go to the
+    candidate."""
+    digest = hashlib.sha256(user_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+class ServedModel:
+    """User and item embeddings (W = U, V) of one model version, ready to rank on ``device``.
+
+    ``popular`` is the packaged list of the latest period's most popular item ids, the
+    fallback for users nothing is known about when no online feature store is configured.
+    """
+
+    def __init__(self, user: torch.Tensor, item: torch.Tensor, users: Vocab, items: Vocab,
+                 info: ModelInfo, popular: Sequence[str] = (), device: torch.device | str = "cpu"):
+        if user.ndim != 2 or item.ndim != 2 or user.shape[1] != item.shape[1]:
+            raise ValueError(f"embedding shapes do not match: user {tuple(user.shape)}, "
+                             f"item {tuple(item.shape)}")
+        if user.shape[0] < len(users) or item.shape[0] < len(items):
+            raise ValueError("the vocabularies are larger than the embedding tables")
+        self.device = torch.device(device)
+        self.user = user.detach().to(self.device, torch.float32).contiguous()
+        self.item = item.detach().to(self.device, torch.float32)[: len(items)].contiguous()
+        self.item_norm = self.item.norm(dim=1).clamp_min(1e-12)
+        self.info = info
+        self.item_ids: list[str] = items.ids
+        self._user_row = {u: i for i, u in enumerate(users.ids)}
+        self._item_row = {v: i for i, v in enumerate(self.item_ids)}
+        self.popular = list(popular)  # real items of the latest period, known to the model or not
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_bundle(cls, url: str, info: ModelInfo, device: torch.device | str = "cpu",
+                    user_key: str = "user", item_key: str = "item") -> ServedModel:
+        """Load a bundle (``smlrec.io``: safetensors, sha256 manifest verified, nothing
+        unpickled) holding ``user``/``item`` tensors and the two vocabularies."""
+        tensors, meta, files = load_bundle(url)
+        popular = json.loads(files["popular.json"]) if "popular.json" in files else []
+        info = ModelInfo(stage=info.stage, version=info.version,
+                         period=info.period or str(meta.get("period", "")),
+                         gate=info.gate or dict(meta.get("gate") or {}), source=info.source)
+        return cls(tensors[user_key], tensors[item_key],
+                   Vocab.from_json(files["vocab_users.json"].decode()),
+                   Vocab.from_json(files["vocab_items.json"].decode()),
+                   info, popular, device)
+
+    # ------------------------------------------------------------------ lookups
+
+    @property
+    def dim(self) -> int:
+        return int(self.item.shape[1])
+
+    @property
+    def n_users(self) -> int:
+        return len(self._user_row)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def user_row(self, user_id: str) -> int | None:
+        return self._user_row.get(user_id)
+
+    def item_rows(self, item_ids: Sequence[str]) -> tuple[list[int], list[str]]:
+        """Rows of the known ids (in order, duplicates kept) and the unknown ids."""
+        rows, unknown = [], []
+        for v in item_ids:
+            r = self._item_row.get(v)
+            if r is None:
+                unknown.append(v)
+            else:
+                rows.append(r)
+        return rows, unknown
+
+    def user_vector(self, row: int) -> torch.Tensor:
+        return self.user[row]
+
+    def mean_item_vector(self, rows: Sequence[int]) -> torch.Tensor:
+        """A user built in real time: the mean embedding of the items they interacted with."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        return self.item.index_select(0, index).mean(dim=0)
+
+    # ------------------------------------------------------------------ ranking
+
+    @torch.inference_mode()
+    def topk(self, queries: torch.Tensor, ks: Sequence[int],
+             exclude: Sequence[Sequence[int]] = ()) -> list[TopK]:
+        """Top-``ks[i]`` items for each query vector, in one matrix product on the device.
+
+        ``queries`` is (B, d); ``exclude[i]`` lists item rows never to return for query i.
+        Fewer than k items come back only when the catalogue (minus exclusions) is smaller.
+        """
+        queries = queries.to(self.device, torch.float32).reshape(-1, self.dim)
+        scores = queries @ self.item.T  # (B, n_items)
+        rows_ex = [i for i, ex in enumerate(exclude) for _ in ex]
+        cols_ex = [c for ex in exclude for c in ex]
+        if cols_ex:
+            scores[torch.as_tensor(rows_ex, device=self.device),
+                   torch.as_tensor(cols_ex, device=self.device)] = float("-inf")
+        kmax = min(max(ks), self.n_items)
+        values, index = torch.topk(scores, kmax, dim=1)
+        values, index = values.cpu().tolist(), index.cpu().tolist()
+        out = []
+        for i, k in enumerate(ks):
+            keep = [j for j in range(min(k, kmax)) if values[i][j] != float("-inf")]
+            out.append(TopK([index[i][j] for j in keep], [values[i][j] for j in keep]))
+        return out
+
+    @torch.inference_mode()
+    def score(self, query: torch.Tensor, item_rows: Sequence[int]) -> list[float]:
+        """Dot-product scores of ``item_rows`` for one query vector."""
+        index = torch.as_tensor(list(item_rows), dtype=torch.long, device=self.device)
+        return (self.item.index_select(0, index) @ query.to(self.device)).cpu().tolist()
+
+    @torch.inference_mode()
+    def similar(self, item_row: int, k: int) -> TopK:
+        """The ``k`` items whose embeddings have the highest cosine similarity to ``item_row``
+        (the item itself excluded)."""
+        cos = (self.item @ self.item[item_row]) / (self.item_norm * self.item_norm[item_row])
+        cos[item_row] = float("-inf")
+        kk = min(k, self.n_items - 1)
+        if kk <= 0:
+            return TopK([], [])
+        values, index = torch.topk(cos, kk)
+        return TopK(index.cpu().tolist(), values.cpu().tolist())
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/metadata`` says about this model."""
+        return {"stage": self.info.stage, "version": self.info.version,
+                "period": self.info.period, "gate": self.info.gate, "source": self.info.source,
+                "loaded_at": self.info.loaded_at, "n_users": self.n_users,
+                "n_items": self.n_items, "dim": self.dim, "device": str(self.device)}
