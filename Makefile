@@ -57,10 +57,11 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
-## Benchmarks (figures saved under benchmarks/results/): the backtest, then one daily run.
+## Benchmarks (figures saved under benchmarks/results/): the backtest, one daily run, serving.
 bench: setup
 	$(PY) -m benchmarks.backtest --no-progress
 	$(PY) -m benchmarks.daily_run
+	$(PY) -m benchmarks.serving
 
 lint: setup
 	$(VENV)/bin/ruff check .
