@@ -13,6 +13,7 @@ import json
 import os
 
 from smlrec.errors import SmlrecError
+from smlrec.faults import failpoint
 from smlrec.io import save_bundle
 from smlrec.registry import StateStore
 
@@ -72,6 +73,7 @@ def package(state_uri: str, stage: str = "production", decided_in: str | None = 
                     {"vocab_users.json": users.to_json().encode(),
                      "vocab_items.json": items.to_json().encode(),
                      "popular.json": json.dumps(popular).encode()})
+        failpoint("package.inside", stage)  # BentoML commits the model when the block exits
     return str(model.tag)
 
 

@@ -169,12 +169,18 @@ def gate(data_root: str, store: StateStore, period_id: str, cfg: DailyConfig) ->
     result = decide(scores["candidate"], incumbent, scores["popularity"], cfg.tolerance)
     result.extra = {"period": period_id, "candidate_period": cand_id,
                     "incumbent_period": prod_id}
-    if result.accept:
+    # Write-ahead: the decision is logged before it takes effect, so a crash in between
+    # leaves a logged decision that the re-run applies, never a promotion without a record.
+    # A re-run of the same gate (same period, same candidate) does not log it twice.
+    logged = any(d.get("period") == period_id and d.get("candidate") == cand_id
+                 for d in store.decisions())
+    if not logged:
+        store.append_decision({"period": period_id, "decision": result.decision,
+                               "candidate": cand_id, "incumbent": prod_id,
+                               "reasons": result.reasons, "scores": scores,
+                               "tolerance": cfg.tolerance})
+    if result.accept and prod_id != cand_id:
         store.set_pointer("production", cand_id, decided_in=period_id)
-    store.append_decision({"period": period_id, "decision": result.decision,
-                           "candidate": cand_id, "incumbent": prod_id,
-                           "reasons": result.reasons, "scores": scores,
-                           "tolerance": cfg.tolerance})
     return result
 
 

@@ -16,3 +16,7 @@ class DataError(SmlrecError, ValueError):
 
 class IntegrityError(SmlrecError):
     """A stored file does not match its recorded checksum, or a manifest is inconsistent."""
+
+
+class StorageError(SmlrecError):
+    """A store could not be written (disk full, read-only, no permission); nothing changed."""

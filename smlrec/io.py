@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from smlrec.errors import IntegrityError
+from smlrec.errors import IntegrityError, StorageError
+from smlrec.faults import failpoint
 
 MANIFEST = "manifest.json"
 
@@ -39,25 +40,42 @@ TMP_PREFIX = ".tmp-"
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str,
                  write: Callable[[Any], object]) -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, then move it onto ``path``;
-    a failure leaves the old file (or none) and no temporary behind."""
+    a failure leaves the old file (or none) and no temporary behind. A storage failure (disk
+    full, read-only, permissions) raises :class:`StorageError` naming the file."""
     folder, _, name = path.rpartition("/")
-    if folder:
-        fs.makedirs(folder, exist_ok=True)
     tmp = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}" if folder else \
         f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
     try:
+        failpoint("write.open", path)
+        if folder:
+            fs.makedirs(folder, exist_ok=True)
         with fs.open(tmp, "wb") as fh:
             write(fh)
+        failpoint("write.before_rename", path)
         fs.mv(tmp, path)
+    except OSError as exc:
+        raise StorageError(f"{path}: could not be written ({exc.strerror or exc}); the "
+                           "previous version, if any, is unchanged") from exc
     finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except OSError:
+            pass  # the store is failing; the temporary is invisible to readers anyway
 
 
 def write_bytes_atomic(url: str, data: bytes) -> str:
     """Write ``data`` to ``url`` atomically (see ``atomic_write``). Returns its sha256."""
     fs, path = _fs(url)
-    atomic_write(fs, path, lambda fh: fh.write(data))
+
+    def write(fh: Any) -> None:
+        half = len(data) // 2
+        fh.write(data[:half])
+        fh.flush()
+        failpoint("write.partial", path)
+        fh.write(data[half:])
+
+    atomic_write(fs, path, write)
     return sha256_bytes(data)
 
 

@@ -33,10 +33,12 @@ import torch
 
 from smlrec.errors import IntegrityError, SmlrecError
 from smlrec.io import (
+    TMP_PREFIX,
     load_bundle,
     read_bytes,
     read_json,
     save_bundle,
+    verify_bundle,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -138,6 +140,50 @@ class StateStore:
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
+    # ---------------------------------------------------------------- checks
+
+    def check(self) -> list[str]:
+        """Everything inconsistent in the store, as messages (empty: consistent).
+
+        Every complete bundle must verify against its manifest, every pointer must be
+        readable and name a complete bundle, and every line of the decision log must parse.
+        Incomplete bundles (no manifest) and temporary files are what an interrupted write
+        leaves; they are invisible to readers and are not problems.
+        """
+        problems = []
+        for period in self.periods():
+            try:
+                verify_bundle(self.period_uri(period))
+            except IntegrityError as exc:
+                problems.append(str(exc))
+        for name in POINTERS:
+            try:
+                pointer = read_json(f"{self.uri}/pointers/{name}.json")
+            except FileNotFoundError:
+                continue
+            except (ValueError, UnicodeDecodeError) as exc:
+                problems.append(f"pointers/{name}.json: unreadable ({exc})")
+                continue
+            period = pointer.get("period") if isinstance(pointer, dict) else None
+            if period is not None and not self.has_period(period):
+                problems.append(f"pointers/{name}.json names {period}, which has no complete "
+                                "bundle")
+        try:
+            text = read_bytes(f"{self.uri}/decisions.jsonl").decode()
+        except FileNotFoundError:
+            text = ""
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                json.loads(line)
+            except ValueError:
+                problems.append(f"decisions.jsonl line {n}: not JSON")
+        return problems
+
+    def temporaries(self) -> list[str]:
+        """Temporary files left by interrupted writes (safe to delete when no run is on)."""
+        return sorted(p for p in self.fs.find(self.root)
+                      if p.rpartition("/")[2].startswith(TMP_PREFIX))
+
     # ---------------------------------------------------------------- lock
 
     @contextmanager
@@ -172,12 +218,18 @@ class StateStore:
         data = json.dumps(info).encode()
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
         if "file" in protocols:
+            # Write the content under a temporary name, then hard-link it to LOCK: the link
+            # fails if LOCK exists, and a LOCK that exists always has its content (a crash
+            # between creating and writing cannot leave an empty, unowned lock).
+            tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            finally:
+                os.unlink(tmp)
             return True
         if self.fs.exists(path):  # object stores: best effort (no atomic create)
             return False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tree_digest
 from kfp import compiler
 
 from pipelines.daily import bootstrap_pipeline, daily_pipeline
@@ -58,14 +58,6 @@ def booted_once(data, tmp_path_factory):
 def state(booted_once, tmp_path):
     shutil.copytree(booted_once, tmp_path / "state")
     return str(tmp_path / "state")
-
-
-def tree_digest(path: str) -> dict[str, str]:
-    out = {}
-    for p in sorted(Path(path).rglob("*")):
-        if p.is_file():
-            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def test_bootstrap_made_a_candidate(booted_once, data):
