@@ -28,6 +28,14 @@ validation also imports. The expectations, in suite order:
 9. ``no_duplicates``: no two rows are identical on the interaction columns (user, item,
    timestamp and rating if used).
 
+With a :class:`History` of the recent stored periods (the pipeline passes one), two checks
+compare the period with them:
+
+10. ``volume``: at most ``max_growth`` times the median row count of the recent periods (a
+    file 100 times the usual size is an export gone wrong, not a busy day);
+11. ``not_a_repeat``: the period's (user, item) pairs are not exactly those of a recent
+    period (the same data sent again under a new date).
+
 Unknown extra columns are allowed: they are listed as a note and do not affect success.
 Bump :data:`SUITE_VERSION` whenever an expectation changes; reports record it.
 """
@@ -51,9 +59,11 @@ from smlrec.data.periods import period_bounds
 from smlrec.errors import DataError
 from smlrec.schema import ITEM, RATING, TS, USER
 
-SUITE_VERSION = "1"
+SUITE_VERSION = "2"
 SUITE_NAME = "smlrec-period-interactions"
 EXAMPLES = 3  # example rows named in each failure sentence
+MAX_GROWTH = 20.0
+"""Default bound of the volume check: rows at most this many times the recent median."""
 ID_RULE = "non-negative integers or non-blank text without control characters"
 
 _PREFIX = "__smlrec_"
@@ -208,6 +218,8 @@ def validate_period_file(
     max_rows: int = 5_000_000,
     rating_range: tuple[float, float] = (0.0, 5.0),
     now: pd.Timestamp | None = None,
+    history: History | None = None,
+    max_growth: float = MAX_GROWTH,
 ) -> ValidationReport:
     """Validate the raw interactions file of period ``period_id`` (CSV/TSV/Parquet, any fsspec URL).
 
@@ -244,6 +256,8 @@ def validate_period_file(
         rating_range=rating_range,
         now=now,
         source=path,
+        history=history,
+        max_growth=max_growth,
     )
 
 
@@ -262,12 +276,16 @@ def validate_frame(
     rating_range: tuple[float, float] = (0.0, 5.0),
     now: pd.Timestamp | None = None,
     source: str = "",
+    history: History | None = None,
+    max_growth: float = MAX_GROWTH,
 ) -> ValidationReport:
     """Run the suite on a raw interactions frame of period ``period_id``; never raises for data.
 
     Row numbers in failures are 1-based positions in ``df`` (for a file: the line after the
     header). ``now`` (default: the current UTC time; naive means UTC) is the bound of the
-    "not in the future" check. ``source`` names the data in the report.
+    "not in the future" check. ``source`` names the data in the report. ``history`` adds
+    the comparisons with recent periods (volume within ``max_growth`` times their median,
+    not a repeat of one of them).
     """
     lo, hi = (float(v) for v in rating_range)
     start, end = _check_arguments(period_id, period_spec, time_unit, (min_rows, max_rows), (lo, hi))
@@ -301,6 +319,8 @@ def validate_frame(
             **base,
         )
     failures = [_explain(ctx, r) for r in results.get("results", []) if not r.get("success", False)]
+    if history is not None:
+        failures += _history_failures(raw, user_col, item_col, history, max_growth)
     return ValidationReport(
         success=bool(results.get("success")) and not failures,
         failures=failures,
@@ -309,6 +329,67 @@ def validate_frame(
         source=source,
         **base,
     )
+
+
+# --- comparison with recent periods --------------------------------------------------------
+
+
+@dataclass
+class History:
+    """Recent stored periods a new period is compared with: row counts and fingerprints."""
+
+    row_counts: dict[str, int] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+HISTORY_PERIODS = 7
+"""How many recent stored periods :func:`history_from_store` reads."""
+MIN_HISTORY = 3
+"""The volume check needs at least this many recent periods."""
+
+
+def fingerprint(users: pd.Series, items: pd.Series) -> str:
+    """sha256 of the sorted (user, item) pairs, ids as text: equal for the same interactions
+    whatever their order and timestamps."""
+    import hashlib
+
+    pairs = np.sort((users.astype(str) + "\t" + items.astype(str)).to_numpy(dtype=str))
+    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()
+
+
+def history_from_store(data_uri: str, period_id: str, n: int = HISTORY_PERIODS) -> History:
+    """The ``n`` stored periods before ``period_id`` in the data store (none: empty)."""
+    from smlrec.data.store import has_dataset, list_periods, read_period
+
+    if not has_dataset(data_uri):
+        return History()
+    recent = [p for p in list_periods(data_uri) if p < period_id][-n:]
+    history = History()
+    for pid in recent:
+        frame = read_period(data_uri, pid, columns=[USER, ITEM])
+        history.row_counts[pid] = len(frame)
+        history.fingerprints[pid] = fingerprint(frame[USER], frame[ITEM])
+    return history
+
+
+def _history_failures(raw: pd.DataFrame, user_col: str, item_col: str, history: History,
+                      max_growth: float) -> list[str]:
+    failures = []
+    counts = list(history.row_counts.values())
+    if len(counts) >= MIN_HISTORY:
+        median = float(np.median(counts))
+        if len(raw) > max_growth * max(median, 1.0):
+            failures.append(
+                f"volume: {len(raw):,} rows is {len(raw) / max(median, 1.0):.0f}x the median "
+                f"of the last {len(counts)} periods ({median:,.0f}); at most {max_growth:g}x "
+                "is accepted")
+    if user_col in raw.columns and item_col in raw.columns and history.fingerprints:
+        mine = fingerprint(raw[user_col], raw[item_col])
+        same = [pid for pid, fp in history.fingerprints.items() if fp == mine]
+        if same:
+            failures.append(f"not_a_repeat: the period's (user, item) pairs are exactly those "
+                            f"of stored period {same[-1]}: the same data sent again?")
+    return failures
 
 
 # --- building the suite ---------------------------------------------------------------------

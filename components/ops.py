@@ -27,12 +27,14 @@ def validate_op(period: str, data_uri: str, input_file: str, period_spec: str,
     """Great Expectations on the period's raw file; on success it is imported into the data
     store. A failure writes the failing expectations to the report and fails the task, so
     nothing after it runs and nothing changes."""
-    from components.expectations import validate_period_file
+    from components.expectations import history_from_store, validate_period_file
     from smlrec.data.importer import import_file
+    from smlrec.registry import check_period_id
 
+    check_period_id(period)
     path = input_file or f"{data_uri.rstrip('/')}/interactions/period={period}/part-0.parquet"
     result = validate_period_file(path, period, period_spec, min_rows=min_rows,
-                                  max_rows=max_rows)
+                                  max_rows=max_rows, history=history_from_store(data_uri, period))
     with open(report.path, "w") as fh:
         fh.write(result.to_markdown())
     if not result.success:

@@ -62,7 +62,10 @@ def run_daily(period: str, data_uri: str, state_uri: str, work_dir: str,
                                  state_uri=_abs(state_uri), feature_repo=_abs(feature_repo),
                                  feature_data=_abs(feature_data), **params)
         except RuntimeError as exc:  # KFP names the failed task; the log above has its error
-            raise SmlrecError(f"daily run for {period} stopped: {_plain(str(exc))}") from exc
+            problems = validation_failures(Path(work_dir) / "outputs", wall_start)
+            detail = f"; data validation failed: {'; '.join(problems)}" if problems else ""
+            raise SmlrecError(f"daily run for {period} stopped: {_plain(str(exc))}{detail}"
+                              ) from exc
     decisions = [d for d in store.decisions() if d.get("period") == period]
     last = decisions[-1] if decisions else {}
     return {"period": period, "skipped": False, "decision": last.get("decision"),
@@ -86,6 +89,21 @@ def step_seconds(outputs: Path, since: float) -> dict[str, float]:
         out[name] = round(end - prev, 2)
         prev = end
     return out
+
+
+def validation_failures(outputs: Path, since: float) -> list[str]:
+    """The failures listed by the validate step's report in the latest local run (written
+    after ``since``), so that a stopped run names the problem, not only the task."""
+    runs = sorted(outputs.glob("smlrec-daily-*"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        return []
+    for report in runs[-1].rglob("report"):
+        if not report.parent.name.startswith("validate-op") or report.stat().st_mtime < since:
+            continue
+        text = report.read_text(errors="replace")
+        section = text.partition("## Failures")[2].partition("## ")[0]
+        return [m.group(1) for m in re.finditer(r"(?m)^\d+\. (.+)$", section)]
+    return []
 
 
 def _plain(text: str) -> str:
