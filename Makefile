@@ -11,7 +11,7 @@ OUT ?= runs/backtest-ml100k
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run serve bento backtest test bench lint fmt clean
+.PHONY: setup run serve bento backtest test bench soak audit lint fmt clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,17 @@ bench: setup
 	$(PY) -m benchmarks.backtest --no-progress
 	$(PY) -m benchmarks.daily_run
 	$(PY) -m benchmarks.serving
+
+## The API for 60 s at the highest load this machine sustains, with a hot swap half-way
+## (benchmarks/results/soak.json and the load_* figures of reliability.json).
+soak: setup
+	$(PY) -m benchmarks.soak --duration 60
+
+## Known vulnerabilities in the pinned dependencies (pip-audit). It needs the PyPI JSON API or
+## OSV, which this project's offline CI cannot reach, so it is a separate target.
+audit: setup
+	$(VENV)/bin/pip install -q "$$(grep -oE 'pip-audit==[0-9.]+' Makefile | head -1 || echo pip-audit)" $(QUIET_PIP)
+	$(VENV)/bin/pip-audit --strict --progress-spinner off
 
 lint: setup
 	$(VENV)/bin/ruff check .

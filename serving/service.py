@@ -28,6 +28,7 @@ Configuration, from the environment (read once at start):
                            0: on the loop, which measured the same throughput with
                            far shorter latency tails on 2 cores)
 ``SMLREC_ACCESS_LOG``      1: log every request (default 0; it costs throughput)
+``SMLREC_MAX_BODY_BYTES``  largest request body accepted (default 1 MiB; larger: 413)
 ``SMLREC_WORKERS``         worker processes (default 1)
 ``SMLREC_DEVICE``          ``auto`` (default: CUDA when present), ``cpu``, ``cuda``
 ``SMLREC_THREADS``         torch CPU threads per worker (default 1)
@@ -48,6 +49,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from serving.batching import MicroBatcher, describe
+from serving.limits import BodyLimit
 from serving.model import ServedModel, TopK, canary_bucket
 from serving.schemas import (
     MAX_ID_LENGTH,
@@ -84,6 +86,7 @@ class ServingConfig(BaseModel):
     workers: int = Field(1, ge=1, le=64)
     batch_thread: bool = False
     access_log: bool = False
+    max_body_bytes: int = Field(1 << 20, ge=1024)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ServingConfig:
@@ -93,7 +96,7 @@ class ServingConfig(BaseModel):
                  "feature_repo": "SMLREC_FEATURE_REPO", "feature_data": "SMLREC_FEATURE_DATA",
                  "max_batch": "SMLREC_MAX_BATCH", "batch_wait_ms": "SMLREC_BATCH_WAIT_MS",
                  "workers": "SMLREC_WORKERS", "batch_thread": "SMLREC_BATCH_THREAD",
-                 "access_log": "SMLREC_ACCESS_LOG"}
+                 "access_log": "SMLREC_ACCESS_LOG", "max_body_bytes": "SMLREC_MAX_BODY_BYTES"}
         return cls(**{field: env[var] for field, var in names.items() if env.get(var)})
 
 
@@ -358,7 +361,8 @@ class Recommender:
             batching=describe(self.batcher), swaps=self.models.swaps,
             last_check=self.models.last_check, last_error=self.models.last_error,
             device=str(self.device),
-            limits={"max_k": MAX_K, "max_list": MAX_LIST, "max_id_length": MAX_ID_LENGTH})
+            limits={"max_k": MAX_K, "max_list": MAX_LIST, "max_id_length": MAX_ID_LENGTH,
+                    "max_body_bytes": self.config.max_body_bytes})
 
     @bentoml.api(route="/reload", input_spec=Empty, output_spec=ReloadResponse)
     def reload(self) -> ReloadResponse:
@@ -369,6 +373,9 @@ class Recommender:
                               production=production.info.version if production else None,
                               candidate=candidate.info.version if candidate else None,
                               last_error=self.models.last_error)
+
+
+Recommender.add_asgi_middleware(BodyLimit, max_bytes=CONFIG.max_body_bytes)
 
 
 def _rank_batch(jobs: list[tuple[ServedModel, torch.Tensor, int, list[int]]]) -> list[TopK]:
