@@ -71,7 +71,7 @@ soak: setup
 ## Known vulnerabilities in the pinned dependencies (pip-audit). It needs the PyPI JSON API or
 ## OSV, which this project's offline CI cannot reach, so it is a separate target.
 audit: setup
-	$(VENV)/bin/pip install -q "$$(grep -oE 'pip-audit==[0-9.]+' Makefile | head -1 || echo pip-audit)" $(QUIET_PIP)
+	$(PY) -m pip install -q -e '.[audit]' $(QUIET_PIP)
 	$(VENV)/bin/pip-audit --strict --progress-spinner off
 
 lint: setup

@@ -13,7 +13,7 @@ from kfp import local
 from pipelines.daily import bootstrap_pipeline, local_daily_pipeline
 from smlrec.daily import is_done
 from smlrec.errors import SmlrecError
-from smlrec.registry import StateStore
+from smlrec.registry import StateStore, check_period_id
 
 
 def init_local(work_dir: str) -> None:
@@ -50,6 +50,7 @@ def run_daily(period: str, data_uri: str, state_uri: str, work_dir: str,
               **params) -> dict:
     """Run the daily pipeline locally for one period, holding the lock. Returns a summary
     (decision, scores, seconds), or ``{"skipped": True}`` when the period is already done."""
+    check_period_id(period)  # before anything: a period id is a path component
     store = StateStore(_abs(state_uri))
     if is_done(store, period):
         return {"period": period, "skipped": True}

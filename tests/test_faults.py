@@ -376,3 +376,32 @@ def test_bad_data_through_the_real_pipeline_keeps_the_api_on_the_incumbent(
         thread.join(30)
         srv.stop()
     assert not errors and versions == {incumbent["version"]}
+
+
+def test_two_runs_on_one_state_store_one_wins_nothing_lost(world, tmp_path) -> None:
+    """Two runs of the same period start together: the lock lets one through, the other stops
+    with a clear error at once; one decision is logged and the state is consistent."""
+    import shutil
+
+    mine = {**world, "state": str(tmp_path / "state"), "features": str(tmp_path / "f"),
+            "bento": str(tmp_path / "b"), "data": str(tmp_path / "data")}
+    shutil.copytree(world["state"], mine["state"])
+    shutil.copytree(world["data"], mine["data"])
+    period = json.loads(world["periods"])[7]
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
+    env = {k: v for k, v in env.items() if not k.startswith(("FEAST_", "SMLREC_FAILPOINTS"))}
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, str(DRIVER), period, "--data", mine["data"], "--state",
+               mine["state"], "--features", mine["features"], "--bento", mine["bento"],
+               "--work", str(tmp_path / f"w{i}")]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = [(p.wait(600), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], [(c, e[-1500:]) for c, _, e in results]
+    loser = next(err for code, _, err in results if code == 1)
+    assert "StateLockedError" in loser and "is locked by another run" in loser
+    store = StateStore(mine["state"])
+    assert [d["period"] for d in store.decisions()].count(period) == 1
+    assert store.get_pointer("candidate") == period and store.check() == []
