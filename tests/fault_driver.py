@@ -8,6 +8,11 @@ per-task process boundaries of the real runner are covered by ``tests/test_pipel
 
 Usage: ``python tests/fault_driver.py PERIOD --data D --state S --features F --bento B
 --work W [--input-file FILE]``; prints the run's outcome as one JSON line.
+
+``python tests/fault_driver.py --zygote`` imports everything once (Feast alone takes about
+7 s to import), then reads one JSON request per line on stdin (``{"argv": [...],
+"failpoints": "...", "log": "file"}``), runs each in a forked child (a fresh process with
+the imports done) and answers ``{"returncode": N}`` (-9 for a SIGKILL) per line.
 """
 
 from __future__ import annotations
@@ -88,5 +93,51 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def zygote() -> int:
+    """Serve runs from forked children of one warm process (see the module docstring)."""
+    import components.expectations  # noqa: F401 - warm imports, shared by every child
+    import components.feast_store  # noqa: F401
+    import components.packaging  # noqa: F401
+    import smlrec.daily  # noqa: F401
+    from smlrec.device import configure_threads
+
+    configure_threads()
+    import bentoml  # noqa: F401
+    import pandas as pd
+
+    # Great Expectations imports most of itself on first use: validate once here.
+    components.expectations.validate_frame(pd.DataFrame(
+        {"user_id": ["1"], "item_id": ["2"], "timestamp": ["2024-01-01T10:00:00Z"]}),
+        "2024-01-01")
+    import tempfile  # and Feast on first use of a store: register the repo once, aside
+
+    with tempfile.TemporaryDirectory() as tmp:
+        components.feast_store.FeatureStoreAdapter(ROOT / "feature_repo", tmp, env={}).apply()
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the child: one run, then exit without running the parent's cleanup
+            code = 1
+            try:
+                log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(log, 1)
+                os.dup2(log, 2)
+                os.environ["SMLREC_FAILPOINTS"] = request.get("failpoints", "")
+                code = main(request["argv"])
+            except BaseException:  # noqa: BLE001 - report it as the run's failure
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        print(json.dumps({"returncode": code}), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(zygote() if sys.argv[1:] == ["--zygote"] else main(sys.argv[1:]))

@@ -32,7 +32,7 @@ from smlrec.data.store import (
     write_side_table,
 )
 from smlrec.data.synthetic import generate_stream, write_synthetic
-from smlrec.errors import DataError, IntegrityError
+from smlrec.errors import DataError, IntegrityError, StorageError
 from smlrec.schema import ITEM, PERIOD, RATING, TS, USER
 
 # --- periods -------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_partition_is_replaced_whole_and_atomically(
         raise OSError("disk full")
 
     monkeypatch.setattr(pq, "write_table", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StorageError, match="could not be written .disk full.; the previous"):
         write_interactions(df[df[PERIOD] == first], root)
     assert sorted(p.name for p in folder.iterdir()) == ["part-0.parquet"]  # no half file
     pd.testing.assert_frame_equal(read_period(root, first), smaller.reset_index(drop=True))
