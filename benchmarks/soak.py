@@ -97,6 +97,8 @@ def record(result: dict[str, Any], out: Path, reliability: Path) -> None:
             "load_requests_per_s", "duration_s")
     old.update({("load_duration_s" if k == "duration_s" else k): result[k] for k in keys})
     old["load_swap_seen_after_s"] = result["swap_seen_after_s"]
+    old["load_source"] = (f"benchmarks/soak.py: {result['duration_s']:.0f} s, {result['items']:,} "
+                          f"items, concurrency {result['concurrency']}, {result['date']}")
     reliability.write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
 
 
