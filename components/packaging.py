@@ -58,9 +58,7 @@ def package(state_uri: str, stage: str = "production", decided_in: str | None = 
         if model.info.labels.get("period") == period:
             return str(model.tag)
     tensors, meta, users, items = store.load_period(period)  # checksums verified here
-    decisions = [d for d in store.decisions()
-                 if d.get("candidate") == period and d.get("decision") == "promote"]
-    scores = decisions[-1]["scores"] if decisions else {}
+    scores = store.promotion_scores(period)
     popular = popular_items(data_uri, decided_in) if data_uri and decided_in else []
     metadata = {"period": period, "decided_in": decided_in or "", "dim": int(
         tensors["w.user"].shape[1]), "n_users": len(users), "n_items": len(items),

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -84,9 +84,8 @@ class ServedModel:
         unpickled) holding ``user``/``item`` tensors and the two vocabularies."""
         tensors, meta, files = load_bundle(url)
         popular = json.loads(files["popular.json"]) if "popular.json" in files else []
-        info = ModelInfo(stage=info.stage, version=info.version,
-                         period=info.period or str(meta.get("period", "")),
-                         gate=info.gate or dict(meta.get("gate") or {}), source=info.source)
+        info = replace(info, period=info.period or str(meta.get("period", "")),
+                       gate=info.gate or dict(meta.get("gate") or {}), loaded_at=time.time())
         return cls(tensors[user_key], tensors[item_key],
                    Vocab.from_json(files["vocab_users.json"].decode()),
                    Vocab.from_json(files["vocab_items.json"].decode()),

@@ -149,6 +149,9 @@ def _has_model(name: str) -> bool:
 class OnlineFeatures:
     """Reads the user's recent items and the popular items from the Feast online store."""
 
+    RECENT = "recent_items:recent_items"
+    POPULAR = "top_items:top_items"  # read by FeatureStoreAdapter.popular_items
+
     def __init__(self, repo: str, data: str):
         from components.feast_store import FeatureStoreAdapter
 
@@ -159,8 +162,8 @@ class OnlineFeatures:
         from smlrec.features import split_ids
 
         frame = self.adapter.online_features(
-            user_ids=[user_id], features=["recent_items:recent_items"])["user_id"]
-        return split_ids(frame["recent_items__recent_items"].iloc[0])
+            user_ids=[user_id], features=[self.RECENT])["user_id"]
+        return split_ids(frame[self.RECENT.replace(":", "__")].iloc[0])
 
     def popular_items(self, k: int) -> list[str]:
         return self.adapter.popular_items(k)
@@ -349,8 +352,7 @@ class Recommender:
         production, candidate = self.models.production, self.models.candidate
         features: dict[str, Any] = {
             "online_store": bool(self.features), "error": self.features_error,
-            "used": ["recent_items:recent_items", "top_items:top_items"]
-            if self.features else [],
+            "used": [OnlineFeatures.RECENT, OnlineFeatures.POPULAR] if self.features else [],
             "repo": self.config.feature_repo, "data": self.config.feature_data}
         return Metadata(
             mode="model" if production else "popularity",

@@ -18,11 +18,12 @@ poll while the current model keeps serving.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -95,24 +96,25 @@ class StateStoreSource:
 
     def latest(self) -> dict[str, ModelRef]:
         out = {}
-        gates = {d.get("candidate"): d.get("scores", {}) for d in self.store.decisions()
-                 if d.get("decision") == "promote"}
         for stage in STAGES:
             period = self.store.get_pointer(stage)
             if period is None:
                 continue
             info = ModelInfo(stage=stage, version=f"state:{period}", period=period,
-                             gate=dict(gates.get(period) or {}), source=self.name)
-            url = self.store.period_uri(period)
+                             source=self.name)
             out[stage] = ModelRef(info.version, period,
-                                  lambda device, u=url, i=info: ServedModel.from_bundle(
-                                      u, i, device, user_key="w.user", item_key="w.item"))
+                                  lambda device, i=info: self._load(i, device))
         return out
+
+    def _load(self, info: ModelInfo, device: torch.device) -> ServedModel:
+        """Load a pointed-to bundle with its gate scores (the log is read only here, when a
+        new version is loaded, not at every poll)."""
+        info = replace(info, gate=self.store.promotion_scores(info.period))
+        return ServedModel.from_bundle(self.store.period_uri(info.period), info, device,
+                                       user_key="w.user", item_key="w.item")
 
 
 def _gate(value: Any) -> dict[str, Any]:
-    import json
-
     if isinstance(value, dict):
         return value
     try:

@@ -140,6 +140,12 @@ class StateStore:
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
+    def promotion_scores(self, period_id: str) -> dict[str, Any]:
+        """The gate scores of the last decision that promoted ``period_id`` ({} if none)."""
+        promoted = [d for d in self.decisions()
+                    if d.get("candidate") == period_id and d.get("decision") == "promote"]
+        return dict(promoted[-1].get("scores") or {}) if promoted else {}
+
     # ---------------------------------------------------------------- checks
 
     def check(self) -> list[str]:

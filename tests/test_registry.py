@@ -87,3 +87,12 @@ def test_lock_of_a_dead_process_is_taken_over(store, tmp_path):
                                                      "host": socket.gethostname()}))
     with store.lock("after a crash"):
         pass
+
+
+def test_promotion_scores_are_those_of_the_last_promotion(store):
+    assert store.promotion_scores("2024-01-01") == {}
+    store.append_decision({"candidate": "2024-01-01", "decision": "reject", "scores": {"a": 1}})
+    assert store.promotion_scores("2024-01-01") == {}
+    store.append_decision({"candidate": "2024-01-01", "decision": "promote", "scores": {"a": 2}})
+    store.append_decision({"candidate": "2024-01-01", "decision": "promote", "scores": {"a": 3}})
+    assert store.promotion_scores("2024-01-01") == {"a": 3}
