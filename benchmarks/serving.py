@@ -173,15 +173,17 @@ def package_model(state_uri: str, bentoml_home: Path) -> str:
 class Server:
     """``bentoml serve serving.service:Recommender`` on 127.0.0.1, in its own session."""
 
-    def __init__(self, bentoml_home: Path, workers: int, log_path: Path):
+    def __init__(self, bentoml_home: Path, workers: int, log_path: Path,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.env = {**os.environ, "BENTOML_HOME": str(bentoml_home),
-                    "BENTOML_DO_NOT_TRACK": "true", "SMLREC_MODEL_SOURCE": "bentoml",
-                    "SMLREC_CANARY_SHARE": "0", "SMLREC_RELOAD_SECONDS": "0",
+        if env is None:  # the benchmark's: production only, no Feast, no polling
+            env = {**os.environ, "SMLREC_MODEL_SOURCE": "bentoml", "SMLREC_CANARY_SHARE": "0",
+                   "SMLREC_RELOAD_SECONDS": "0"}
+            env.pop("SMLREC_FEATURE_REPO", None)  # no Feast: the model's own path only
+        self.env = {**env, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true",
                     "SMLREC_WORKERS": str(workers)}
-        self.env.pop("SMLREC_FEATURE_REPO", None)  # no Feast: the model's own path only
         exe = Path(sys.executable).with_name("bentoml")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "bentoml"]
         self.cmd = [*cmd, "serve", "serving.service:Recommender", "--host", "127.0.0.1",

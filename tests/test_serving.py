@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 
+from benchmarks.serving import Server as BentoServer
 from serving.model import canary_bucket
 from smlrec.registry import StateStore
 from smlrec.schema import ITEM, PERIOD, TS, USER
@@ -63,12 +62,6 @@ def _interactions() -> pd.DataFrame:
     return df
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A ``bentoml serve`` subprocess and what it was started on."""
 
@@ -82,10 +75,9 @@ class Server:
                         SMLREC_FEATURE_REPO=str(ROOT / "feature_repo"),
                         SMLREC_FEATURE_DATA=str(tmp / "features"), SMLREC_THREADS="1",
                         SMLREC_DEVICE="cpu", PYTHONPATH=str(ROOT))
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "serve.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.bento: BentoServer | None = None
+        self.url = ""
 
     def package(self, stage: str, period: str, seed: int) -> str:
         """Save a bundle for ``period``, point ``stage`` at it, package it (in a child process,
@@ -99,35 +91,19 @@ class Server:
         return out.stdout.strip().splitlines()[-1]
 
     def start(self) -> None:
-        bentoml_cli = Path(sys.executable).parent / "bentoml"
-        self.proc = subprocess.Popen(
-            [str(bentoml_cli), "serve", "serving.service:Recommender", "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            cwd=ROOT, env=self.env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-            start_new_session=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"bentoml serve not ready after 90 s:\n{self.tail()}")
+        """``bentoml serve`` with this environment (the benchmark's launcher: a free port,
+        ready when /readyz answers 200, stopped with SIGTERM then SIGKILL)."""
+        self.bento = BentoServer(Path(self.env["BENTOML_HOME"]), workers=1,
+                                 log_path=self.log, env=self.env)
+        self.url = self.bento.url
+        self.bento.start(timeout=90)
 
     def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        return self.bento.log_tail(n) if self.bento else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.bento is not None:
+            self.bento.stop()
 
     def post(self, route: str, body: object, raw: bool = False) -> httpx.Response:
         content = body if raw else json.dumps(body)
