@@ -11,7 +11,7 @@ OUT ?= runs/backtest-ml100k
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run serve bento backtest test bench soak audit lint fmt clean
+.PHONY: setup run serve bento backtest test reliability bench study soak audit lint fmt clean
 
 setup: $(STAMP)
 
@@ -25,11 +25,13 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, smlrec; print('smlrec ready, torch', torch.__version__)"
 	touch $@
 
-## The main job: fetch MovieLens-100k (from the recbole wheel), bootstrap SML on its first
-## weeks, then run the daily Kubeflow pipeline locally for every later week, with a report.
+## The main job: fetch MovieLens-100k (from the recbole wheel), bootstrap the challengers of
+## configs/ml-100k.yaml (SML and the best other strategy, chosen on validation by `make bench`)
+## on its first weeks, then run the daily Kubeflow pipeline locally for every later week.
 run: setup
 	$(VENV)/bin/smlrec data fetch
-	$(VENV)/bin/smlrec pipeline demo --data-uri data/ml-100k --state-uri runs/state --out runs/report.html
+	$(VENV)/bin/smlrec pipeline demo --data-uri data/ml-100k --state-uri runs/state \
+	  --config configs/ml-100k.yaml --out runs/report.html
 
 ## The prediction API on 127.0.0.1:3000 (docs at /docs), serving what `make run` packaged
 ## into runs/bentoml, with the Feast online store it filled. Override BENTOML_HOME,
@@ -53,11 +55,24 @@ backtest: setup
 	$(VENV)/bin/smlrec data fetch
 	$(VENV)/bin/smlrec backtest --dataset ml-100k --period 7D --methods sml,full,finetune,window,pop --out $(OUT)
 
+## The Optuna searches on validation periods behind the default grids (about an hour each on
+## 2 cores): SML's transfer and training, and the sliding window's.
+study: setup
+	$(VENV)/bin/smlrec data fetch
+	$(PY) -m benchmarks.sml_study --method sml --trials 40
+	$(PY) -m benchmarks.sml_study --method window --trials 30
+
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
-## Benchmarks (figures saved under benchmarks/results/): the backtest, one daily run, serving.
+## The test suite, recording its reliability counters (bad inputs stopped, faults survived,
+## fuzz cases) in benchmarks/results/reliability.json; `make test` leaves the tree as it was.
+reliability: setup
+	SMLREC_RELIABILITY_JSON=$(CURDIR)/benchmarks/results/reliability.json $(VENV)/bin/pytest -q
+
+## Benchmarks (figures saved under benchmarks/results/): the backtest (three seeds; it also
+## rewrites configs/<dataset>.yaml from its validation choices), one daily run, serving.
 bench: setup
 	$(PY) -m benchmarks.backtest --no-progress
 	$(PY) -m benchmarks.daily_run

@@ -74,44 +74,53 @@ def features_op(period: str, data_uri: str, feature_repo: str, feature_data: str
 
 
 @component
-def gate_op(period: str, data_uri: str, state_uri: str, tolerance: float, seed: int,
+def gate_op(period: str, data_uri: str, state_uri: str, tolerance: float,
             metrics: Output[Metrics], report: Output[Markdown]) -> str:
-    """The canary gate: yesterday's candidate, the incumbent and popularity on D_t.
-    Returns "promote" or "reject"; on promote the production pointer moves."""
-    from smlrec.daily import DailyConfig, gate
-    from smlrec.device import configure_threads
+    """The canary gate: yesterday's challengers, the incumbent and the popularity floor on
+    D_t. Returns "promote" or "reject"; on promote the production pointer moves to the best
+    eligible challenger."""
+    from smlrec.daily import gate, task_config
     from smlrec.registry import StateStore
 
-    configure_threads()
-    result = gate(data_uri, StateStore(state_uri), period,
-                  DailyConfig(tolerance=tolerance, seed=seed))
-    for name in ("candidate", "incumbent", "popularity"):
-        values = getattr(result, name)
+    cfg = task_config(state_uri)
+    if tolerance >= 0:
+        cfg = cfg.model_copy(update={"tolerance": tolerance})
+    result = gate(data_uri, StateStore(state_uri), period, cfg)
+    named = {**result.challengers, "incumbent": result.incumbent,
+             "popularity": result.popularity}
+    for name, values in named.items():
         for key in ("ndcg@20", "recall@20"):
             if values is not None:
                 metrics.log_metric(f"{name}_{key}", float(values[key]))
     metrics.log_metric("promoted", 1.0 if result.accept else 0.0)
+    metrics.log_metric("users_scored", float(result.extra.get("n_users", 0)))
+    lines = [f"# Gate for {period}: {result.decision}"
+             + (f" ({result.strategy})" if result.strategy else ""), "",
+             "| model | NDCG@20 | Recall@20 | users | NDCG@20 / floor [95% CI] |",
+             "|---|---|---|---|---|"]
+    for name, values in named.items():
+        if values is None:
+            continue
+        vs = result.extra.get("vs_floor", {}).get(name)
+        ci = (f"{vs['ratio']:.2f} [{vs['ci95'][0]:.2f}, {vs['ci95'][1]:.2f}]" if vs else "-")
+        lines.append(f"| {name} | {values['ndcg@20']:.4f} | {values['recall@20']:.4f} | "
+                     f"{values['n_users']} | {ci} |")
+    lines += ["", *(f"- {r}" for r in result.reasons)]
     with open(report.path, "w") as fh:
-        fh.write(f"# Gate for {period}: {result.decision}\n\n"
-                 + "\n".join(f"- {r}" for r in result.reasons) + "\n")
+        fh.write("\n".join(lines) + "\n")
     return result.decision
 
 
 @component
-def meta_update_op(period: str, state_uri: str, outer_steps: int, seed: int,
-                   training_frame: Input[Dataset], state: Output[Model],
-                   metrics: Output[Metrics]):
+def meta_update_op(period: str, state_uri: str, training_frame: Input[Dataset],
+                   state: Output[Model], metrics: Output[Metrics]):
     """SML step 2: update Θ on D_t with Ŵ_{t-1} and W_{t-2} fixed."""
     import pandas as pd
 
-    from smlrec.config import SMLConfig
-    from smlrec.daily import DailyConfig, meta_update_step
-    from smlrec.device import configure_threads, pick_device
+    from smlrec.daily import meta_update_step, task_config
     from smlrec.registry import StateStore
 
-    configure_threads()
-    cfg = DailyConfig(sml=SMLConfig(outer_steps=outer_steps), seed=seed,
-                      device=str(pick_device()))
+    cfg = task_config(state_uri)
     frame = pd.read_parquet(training_frame.path)
     out = meta_update_step(frame, StateStore(state_uri), period, cfg, state.path)
     state.metadata.update({"period": period, "base_period": out["base_period"]})
@@ -120,37 +129,53 @@ def meta_update_op(period: str, state_uri: str, outer_steps: int, seed: int,
 
 
 @component
-def learn_op(outer_steps: int, seed: int, training_frame: Input[Dataset],
-             state_in: Input[Model], state: Output[Model], metrics: Output[Metrics]):
+def learn_op(state_uri: str, training_frame: Input[Dataset], state_in: Input[Model],
+             state: Output[Model], metrics: Output[Metrics]):
     """SML step 1: learn Ŵ_t on D_t alone, through the transfer, with Θ fixed."""
     import pandas as pd
 
-    from smlrec.config import SMLConfig
-    from smlrec.daily import DailyConfig, learn_step
-    from smlrec.device import configure_threads, pick_device
+    from smlrec.daily import learn_step, task_config
 
-    configure_threads()
-    cfg = DailyConfig(sml=SMLConfig(outer_steps=outer_steps), seed=seed,
-                      device=str(pick_device()))
+    cfg = task_config(state_uri)
     out = learn_step(pd.read_parquet(training_frame.path), state_in.path, cfg, state.path)
     for key in ("what_loss", "seconds"):
         metrics.log_metric(f"learn_{key}", float(out[key]))
 
 
 @component
-def transfer_op(state_uri: str, seed: int, training_frame: Input[Dataset],
-                state_in: Input[Model], metrics: Output[Metrics]) -> str:
-    """W_t = f_Θ(W_prev, Ŵ_t): saved in the state store as the new candidate."""
+def challengers_op(period: str, data_uri: str, state_uri: str,
+                   training_frame: Input[Dataset], models: Output[Model],
+                   metrics: Output[Metrics]):
+    """Retrain the run configuration's other challengers (the best non-SML strategies of
+    the backtest) on D_t, beside SML's steps."""
     import pandas as pd
 
-    from smlrec.daily import DailyConfig, transfer_step
-    from smlrec.device import configure_threads, pick_device
+    from smlrec.daily import challengers_step, task_config
     from smlrec.registry import StateStore
 
-    configure_threads()
-    cfg = DailyConfig(seed=seed, device=str(pick_device()))
+    cfg = task_config(state_uri)
+    out = challengers_step(pd.read_parquet(training_frame.path), data_uri,
+                           StateStore(state_uri), period, cfg, models.path)
+    metrics.log_metric("challengers_seconds", float(out["seconds"]))
+    for name, figures in out["challengers"].items():
+        for key, value in figures.items():
+            metrics.log_metric(f"{name}_{key}", float(value))
+
+
+@component
+def transfer_op(state_uri: str, data_uri: str, training_frame: Input[Dataset],
+                state_in: Input[Model], others: Input[Model], metrics: Output[Metrics]) -> str:
+    """W_t = f_Θ(W_prev, Ŵ_t): with the other challengers, saved in the state store as the
+    new candidate bundle."""
+    import pandas as pd
+
+    from smlrec.daily import task_config, transfer_step
+    from smlrec.registry import StateStore
+
+    cfg = task_config(state_uri)
     store = StateStore(state_uri)
-    out = transfer_step(pd.read_parquet(training_frame.path), state_in.path, store, cfg)
+    out = transfer_step(pd.read_parquet(training_frame.path), state_in.path, store, cfg,
+                        data_uri, others.path)
     for key in ("seconds", "n_users", "n_items"):
         metrics.log_metric(f"transfer_{key}", float(out[key]))
     return store.get_pointer("candidate")
@@ -160,7 +185,7 @@ def transfer_op(state_uri: str, seed: int, training_frame: Input[Dataset],
 def package_op(state_uri: str, period: str, bentoml_home: str, stage: str = "production",
                data_uri: str = "") -> str:
     """Put the stage's model (production or candidate) into the BentoML model store, labelled
-    with stage and period, with the period's popular items from ``data_uri``."""
+    with stage, period and strategy, with the period's popular items from ``data_uri``."""
     import os
 
     if bentoml_home:
@@ -177,8 +202,9 @@ def report_op(state_uri: str, report: Output[HTML]):
     from smlrec.registry import StateStore
     from smlrec.report import decisions_html
 
+    store = StateStore(state_uri)
     with open(report.path, "w") as fh:
-        fh.write(decisions_html(StateStore(state_uri).decisions()))
+        fh.write(decisions_html(store.decisions(), store.pointer_info("production")))
 
 
 @component

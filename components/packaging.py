@@ -3,8 +3,9 @@
 Two model names, one per stage: ``smlrec-mf`` holds production models (what the service's
 ``BentoModel("smlrec-mf:latest")`` and ``bentoml build`` pick up), ``smlrec-mf-candidate``
 the newest candidates, which the service gives to its canary share of users. Each model is
-a bundle (safetensors weights ``user`` / ``item`` = W = (U, V), the id vocabularies, the
-period's most popular items, a sha256 manifest) labelled with stage and period.
+a bundle (safetensors weights ``user`` / ``item``: the tables the strategy serves, U' =
+[U, 1] and V' = [V, λ·log1p(pop)] where it blends; the id vocabularies, the period's most
+popular items, a sha256 manifest) labelled with stage, period and strategy.
 """
 
 from __future__ import annotations
@@ -36,38 +37,50 @@ def popular_items(data_uri: str, period: str, k: int = POPULAR_K) -> list[str]:
 
 def package(state_uri: str, stage: str = "production", decided_in: str | None = None,
             data_uri: str = "") -> str:
-    """Store the ``stage`` pointer's model (serving weights, vocabularies, gate metrics and,
-    with ``data_uri``, period ``decided_in``'s popular items) as a BentoML model labelled with
-    stage and period. Idempotent: a period already packaged for the stage is not packaged
-    again. Returns the model tag."""
+    """Store the model the ``stage`` serves (its served tables: W = (U, V) with the blend
+    column where the strategy blends, the vocabularies, the gate's scores and, with
+    ``data_uri``, period ``decided_in``'s popular items) as a BentoML model labelled with
+    stage, period and strategy. Idempotent: a (period, strategy) already packaged for the
+    stage is not packaged again. Returns the model tag."""
     if stage not in NAMES:
         raise ValueError(f"stage must be production or candidate, not {stage!r}")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     import bentoml
 
+    from smlrec.daily import serving_choice
+    from smlrec.registry import served_keys
+
     name = NAMES[stage]
     store = StateStore(state_uri)
-    period = store.get_pointer(stage)
+    period, strategy = serving_choice(store, stage)
     if period is None:
         raise SmlrecError(f"{state_uri}: no {stage} model to package")
+    tensors, meta, users, items = store.load_period(period)  # checksums verified here
+    ukey, ikey = served_keys(meta, strategy)
+    strategy = strategy or (next(iter(meta["challengers"])) if meta.get("challengers")
+                            else "")
     try:
         existing = bentoml.models.list(name)
     except bentoml.exceptions.NotFound:  # the first model of this name
         existing = []
     for model in existing:
-        if model.info.labels.get("period") == period:
+        if (model.info.labels.get("period") == period
+                and model.info.labels.get("strategy", "") == strategy):
             return str(model.tag)
-    tensors, meta, users, items = store.load_period(period)  # checksums verified here
     scores = store.promotion_scores(period)
+    prior_column = bool((meta.get("challengers") or {}).get(strategy, {}).get("prior_column"))
     popular = popular_items(data_uri, decided_in) if data_uri and decided_in else []
-    metadata = {"period": period, "decided_in": decided_in or "", "dim": int(
-        tensors["w.user"].shape[1]), "n_users": len(users), "n_items": len(items),
-        "gate": json.dumps(scores)}
-    with bentoml.models.create(name, labels={"stage": stage, "period": period},
+    metadata = {"period": period, "strategy": strategy, "decided_in": decided_in or "",
+                "dim": int(tensors[ukey].shape[1]), "n_users": len(users),
+                "n_items": len(items), "prior_column": prior_column,
+                "gate": json.dumps(scores)}
+    with bentoml.models.create(name, labels={"stage": stage, "period": period,
+                                             "strategy": strategy},
                                metadata=metadata) as model:
         save_bundle(model.path_of("bundle"),
-                    {"user": tensors["w.user"], "item": tensors["w.item"]},
-                    {"period": period, "stage": stage, "gate": scores},
+                    {"user": tensors[ukey], "item": tensors[ikey]},
+                    {"period": period, "stage": stage, "strategy": strategy,
+                     "prior_column": prior_column, "gate": scores},
                     {"vocab_users.json": users.to_json().encode(),
                      "vocab_items.json": items.to_json().encode(),
                      "popular.json": json.dumps(popular).encode()})

@@ -41,40 +41,50 @@ def compile(out: Annotated[Path, typer.Option(help="Daily pipeline YAML.")] = DA
     typer.echo(f"wrote {out} and {bootstrap_out}")
 
 
+ConfigOpt = Annotated[str, typer.Option(
+    "--config", help="Run configuration (YAML) the backtest wrote: challengers, popularity "
+    "floor, pretraining, seed (e.g. configs/ml-100k.yaml); empty: built-in defaults.")]
+PeriodOpt = Annotated[str, typer.Option(
+    help="Period length (1D, 7D...); default: the one the data store was made with.")]
+ToleranceOpt = Annotated[float, typer.Option(
+    help="Gate: how far (relative) below the incumbent's NDCG@20 a challenger may be and "
+    "still be promoted; negative: the run configuration's.")]
+
+
 @app.command()
 @reports_errors
-def bootstrap(until: Annotated[str, typer.Option(help="Last meta-training period.")],
-              data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "state",
-              pretrain_periods: int = 10, pretrain_epochs: int = 20, outer_steps: int = 3,
-              theta_init: Annotated[str, typer.Option(
-                  help="random: the paper's init of Θ; identity: Θ starts as fine-tuning.")]
-              = "random", seed: int = 0) -> None:
-    """Run once before the daily runs: pretrain W_0 and meta-train Θ up to --until."""
+def bootstrap(until: Annotated[str, typer.Option(help="Last meta-training period, "
+                                                  "YYYY-MM-DD.")],
+              data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
+              config: ConfigOpt = "") -> None:
+    """Run once before the daily runs: pretrain W_0, meta-train Θ and train the other
+    challengers up to --until; the store keeps the run configuration."""
     from pipelines.local import default_work_dir, run_bootstrap
 
-    cand = run_bootstrap(data_uri, state_uri, until, default_work_dir(),
-                         pretrain_periods=pretrain_periods, pretrain_epochs=pretrain_epochs,
-                         outer_steps=outer_steps, theta_init=theta_init, seed=seed)
-    typer.echo(f"bootstrap done: candidate model of period {cand} in {state_uri}")
+    cand = run_bootstrap(data_uri, state_uri, until, default_work_dir(), config_uri=config)
+    typer.echo(f"bootstrap done: candidate models of period {cand} in {state_uri}")
 
 
 @app.command()
 @reports_errors
-def run(period: Annotated[str, typer.Option(help="Period to process, YYYY-MM-DD.")],
-        data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "state",
+def run(period: Annotated[str, typer.Option(help="Period to process, YYYY-MM-DD (its first "
+                                             "day).")],
+        data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
         input_file: Annotated[str, typer.Option(
             help="Raw file of the period to validate and import (default: the stored one).")]
         = "",
-        period_spec: Annotated[str, typer.Option(help="Period length: 1D, 7D...")] = "1D",
-        tolerance: float = 0.05, outer_steps: int = 3, seed: int = 0,
-        bentoml_home: BentoOpt = "") -> None:
+        period_spec: PeriodOpt = "",
+        tolerance: ToleranceOpt = -1.0, bentoml_home: BentoOpt = "runs/bentoml") -> None:
     """Run the daily pipeline for one period with KFP's local runner. A period already done
     is skipped: re-gating it would test its own candidate on its own training data."""
-    from pipelines.local import default_work_dir, run_daily, summary_line
+    from pipelines.local import SUMMARY_HEAD, default_work_dir, run_daily, summary_line
+    from smlrec.registry import check_period_id
 
+    check_period_id(period)  # before anything: a period id is a path component
     r = run_daily(period, data_uri, state_uri, default_work_dir(), input_file=input_file,
-                  period_spec=period_spec, tolerance=tolerance, outer_steps=outer_steps,
-                  seed=seed, bentoml_home=_abs_or_empty(bentoml_home))
+                  period_spec=_period_spec(period_spec, data_uri), tolerance=tolerance,
+                  bentoml_home=_abs_or_empty(bentoml_home))
+    typer.echo(SUMMARY_HEAD)
     typer.echo(summary_line(r))
 
 
@@ -82,22 +92,36 @@ def run(period: Annotated[str, typer.Option(help="Period to process, YYYY-MM-DD.
 @reports_errors
 def backfill(start: Annotated[str, typer.Option("--from", help="First period, YYYY-MM-DD.")],
              end: Annotated[str, typer.Option("--to", help="Last period, inclusive.")],
-             data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "state",
-             period_spec: str = "1D", tolerance: float = 0.05, outer_steps: int = 3,
-             seed: int = 0, bentoml_home: BentoOpt = "") -> None:
+             data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
+             period_spec: PeriodOpt = "", tolerance: ToleranceOpt = -1.0,
+             bentoml_home: BentoOpt = "runs/bentoml") -> None:
     """Run the daily pipeline for every stored period in a range, in order, skipping the
     periods already done (the embedded schedule; safe to re-run)."""
-    from pipelines.local import default_work_dir, run_daily, summary_line
+    from pipelines.local import SUMMARY_HEAD, default_work_dir, run_daily, summary_line
     from smlrec.data.store import list_periods
 
     periods = [p for p in list_periods(data_uri) if start <= p <= end]
     if not periods:
         raise typer.BadParameter(f"no stored periods between {start} and {end} in {data_uri}")
+    typer.echo(SUMMARY_HEAD)
+    period_spec = _period_spec(period_spec, data_uri)
     for p in periods:
         typer.echo(summary_line(run_daily(p, data_uri, state_uri, default_work_dir(),
                                           period_spec=period_spec, tolerance=tolerance,
-                                          outer_steps=outer_steps, seed=seed,
                                           bentoml_home=_abs_or_empty(bentoml_home))))
+
+
+def _period_spec(given: str, data_uri: str) -> str:
+    """The period length to use: the one given, else the data store's."""
+    if given:
+        return given
+    from smlrec.data.store import read_dataset_info
+
+    spec = read_dataset_info(data_uri).get("period")
+    if not spec:
+        raise typer.BadParameter(f"{data_uri} does not record its period length; pass one",
+                                 param_hint="--period-spec")
+    return spec
 
 
 def _abs_or_empty(path: str) -> str:
@@ -151,54 +175,79 @@ def schedule(host: Annotated[str, typer.Option(help="Kubeflow Pipelines API endp
 
 @app.command()
 @reports_errors
-def report(state_uri: StateOpt = "state",
+def report(state_uri: StateOpt = "runs/state",
            out: Annotated[Path, typer.Option(help="HTML file to write.")]
            = Path("runs/report.html")) -> None:
     """Write the gate's history (chart and table of every decision) as an HTML page."""
     from smlrec.registry import StateStore
     from smlrec.report import decisions_html
 
+    store = StateStore(state_uri)
+    decisions = store.decisions()
+    if not decisions:
+        raise typer.BadParameter(f"{state_uri} has no gate decisions to report (is it the "
+                                 "state store `make run` or `pipeline demo` wrote?); "
+                                 f"{out} was left as it was", param_hint="--state-uri")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(decisions_html(StateStore(state_uri).decisions()))
+    out.write_text(decisions_html(decisions, store.pointer_info("production")))
     typer.echo(f"wrote {out}")
 
 
 @app.command()
 @reports_errors
 def demo(data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
-         pretrain_periods: Annotated[int, typer.Option(help="Bootstrap: W_0's periods.")] = 10,
-         meta_periods: Annotated[int, typer.Option(help="Bootstrap: meta-training periods.")]
-         = 12,
-         period_spec: Annotated[str, typer.Option(help="The stored period length.")] = "7D",
+         config: ConfigOpt = "configs/ml-100k.yaml",
+         meta_periods: Annotated[int, typer.Option(help="Bootstrap: meta-training periods "
+                                                   "(after the configuration's pretraining "
+                                                   "periods).")] = 12,
+         period_spec: PeriodOpt = "",
          out: Annotated[Path, typer.Option(help="HTML report.")] = Path("runs/report.html"),
          bentoml_home: BentoOpt = "runs/bentoml") -> None:
     """The embedded production loop on stored data: bootstrap on the first periods (once),
     then the daily pipeline for every later period in order (skipping finished ones),
     a table per period and an HTML report of the history."""
-    from pipelines.local import default_work_dir, run_bootstrap, run_daily, summary_line
+    from pipelines.local import (
+        SUMMARY_HEAD,
+        default_work_dir,
+        run_bootstrap,
+        run_daily,
+        summary_line,
+    )
+    from smlrec.config import DailyConfig
     from smlrec.data.store import list_periods
     from smlrec.registry import StateStore
     from smlrec.report import decisions_html
 
+    if config and not Path(config).is_file():
+        raise typer.BadParameter(f"{config} does not exist (write one with `smlrec backtest "
+                                 "--write-config`, or pass --config '' for the defaults)",
+                                 param_hint="--config")
+    cfg = DailyConfig.load(config) if config else DailyConfig()
     periods = list_periods(data_uri)
-    until = pretrain_periods + meta_periods
+    until = cfg.pretrain_periods + meta_periods
     if len(periods) <= until:
         raise typer.BadParameter(f"{data_uri} has {len(periods)} periods; the demo needs more "
                                  f"than {until}")
     store = StateStore(state_uri)
     if store.get_pointer("candidate") is None:
-        typer.echo(f"bootstrap: pretrain on {periods[0]}..{periods[pretrain_periods - 1]}, "
-                   f"meta-train until {periods[until - 1]}")
+        typer.echo(f"bootstrap: pretrain on {periods[0]}..{periods[cfg.pretrain_periods - 1]}, "
+                   f"meta-train until {periods[until - 1]}; challengers "
+                   f"{', '.join(cfg.names)}; floor pop {cfg.floor.params}"
+                   + (f" (from {config})" if config else ""))
         run_bootstrap(data_uri, state_uri, periods[until - 1], default_work_dir(),
-                      pretrain_periods=pretrain_periods)
-    typer.echo(f"{'period':<11} {'decision':<8} {'candidate':>14} {'incumbent':>10} "
-               f"{'popularity':>10}  (NDCG@20 on the new period), run time")
+                      config_uri=config)
+    period_spec = _period_spec(period_spec, data_uri)
+    typer.echo(SUMMARY_HEAD + "   (* promoted)")
     for p in periods[until:]:
         typer.echo(summary_line(run_daily(p, data_uri, state_uri, default_work_dir(),
                                           period_spec=period_spec,
                                           bentoml_home=_abs_or_empty(bentoml_home))))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(decisions_html(store.decisions()))
-    typer.echo(f"production model: period {store.get_pointer('production')}; "
-               f"candidate: {store.get_pointer('candidate')}; report: {out}; "
+    out.write_text(decisions_html(store.decisions(), store.pointer_info("production")))
+    prod = store.pointer_info("production")
+    promoted = sum(d.get("decision") == "promote" for d in store.decisions())
+    typer.echo(f"{promoted} of {len(store.decisions())} gates promoted; production model: "
+               + (f"period {prod['period']} ({prod.get('strategy')})" if prod else
+                  "none (the API serves popular items)")
+               + f"; candidate: {store.get_pointer('candidate')}; report: {out}; "
                f"served by `make serve` from {bentoml_home}")

@@ -12,6 +12,7 @@ from kfp import dsl
 
 from components.ops import (
     IMAGE,
+    challengers_op,
     features_op,
     gate_op,
     learn_op,
@@ -43,8 +44,9 @@ def build_daily_pipeline(for_cluster: bool = True):
 
     @dsl.pipeline(name="smlrec-daily",
                   description="Validate a period's data, write its features, gate yesterday's "
-                  "candidate, meta-update the transfer, train on the new period, transfer, "
-                  "and package the accepted model.")
+                  "challengers against the incumbent and the popularity floor, meta-update the "
+                  "transfer, train SML and the other challengers on the new period, transfer, "
+                  "and package the promoted model.")
     def pipeline(
         period: str,
         data_uri: str = "data/ml-100k",
@@ -53,29 +55,29 @@ def build_daily_pipeline(for_cluster: bool = True):
         period_spec: str = "1D",
         feature_repo: str = "feature_repo",
         feature_data: str = "features",
-        tolerance: float = 0.05,
-        outer_steps: int = 3,
-        seed: int = 0,
+        tolerance: float = -1.0,
         min_rows: int = 1,
         max_rows: int = 5_000_000,
         bentoml_home: str = "",
     ):
-        """One daily run of SML.
+        """One daily run: the champion/challenger loop around SML.
+
+        What is trained (SML and the other challengers), the popularity floor and the seed
+        come from the run configuration the state store was bootstrapped with
+        (``configs/<dataset>.yaml``).
 
         Args:
             period: The period that just closed, YYYY-MM-DD (its first day); "scheduled" takes
                 the period that closed before the run's scheduled time (recurring runs).
             data_uri: The period-partitioned interaction store (folder or s3:// / gs:// URI).
-            state_uri: The state store (models, pointers, decisions), a folder or URI.
+            state_uri: The state store (models, pointers, decisions, run configuration).
             input_file: The period's raw file (CSV or Parquet) to validate and import; empty to
                 validate the period already in the data store.
             period_spec: Period length, e.g. 1D (daily) or 7D (weekly).
             feature_repo: The Feast repository folder.
             feature_data: Where Feast's offline Parquet sources, registry and online store live.
-            tolerance: Gate: how far (relative) below the incumbent's NDCG@20 a candidate may
-                be and still be promoted.
-            outer_steps: SML: alternations of the meta-update and training per period.
-            seed: Random seed.
+            tolerance: Gate: how far (relative) below the incumbent's NDCG@20 a challenger may
+                be and still be promoted; negative: the run configuration's.
             min_rows: Validation: fewest rows a period may have.
             max_rows: Validation: most rows a period may have.
             bentoml_home: BentoML store folder for packaging (empty: BentoML's default).
@@ -92,19 +94,22 @@ def build_daily_pipeline(for_cluster: bool = True):
                                feature_data=feature_data, period_spec=period_spec).after(validate)
         features.set_caching_options(False)
         frame = features.outputs["training_frame"]
-        gate = gate_op(period=period, data_uri=data_uri, state_uri=state_uri, tolerance=tolerance,
-                       seed=seed).after(features)
+        gate = gate_op(period=period, data_uri=data_uri, state_uri=state_uri,
+                       tolerance=tolerance).after(features)
         gate.set_caching_options(False)
         with dsl.If(gate.outputs["Output"] == "promote", name="promoted"):
             package_op(state_uri=state_uri, period=period, bentoml_home=bentoml_home,
                        stage="production", data_uri=data_uri).set_caching_options(False)
         meta = _train_task(meta_update_op(period=period, state_uri=state_uri,
-                                          outer_steps=outer_steps, seed=seed,
                                           training_frame=frame).after(gate))
-        learn = _train_task(learn_op(outer_steps=outer_steps, seed=seed, training_frame=frame,
+        learn = _train_task(learn_op(state_uri=state_uri, training_frame=frame,
                                      state_in=meta.outputs["state"]))
-        transfer = _train_task(transfer_op(state_uri=state_uri, seed=seed, training_frame=frame,
-                                           state_in=learn.outputs["state"]))
+        others = _train_task(challengers_op(period=period, data_uri=data_uri,
+                                            state_uri=state_uri, training_frame=frame)
+                             .after(gate))
+        transfer = _train_task(transfer_op(state_uri=state_uri, data_uri=data_uri,
+                                           training_frame=frame, state_in=learn.outputs["state"],
+                                           others=others.outputs["models"]))
         package_candidate = package_op(state_uri=state_uri, period=period,
                                        bentoml_home=bentoml_home, stage="candidate",
                                        data_uri=data_uri).after(transfer)
@@ -120,40 +125,35 @@ local_daily_pipeline = build_daily_pipeline(for_cluster=False)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def bootstrap_op(data_uri: str, state_uri: str, until: str, pretrain_periods: int,
-                 pretrain_epochs: int, outer_steps: int, theta_init: str, seed: int) -> str:
-    """Pretrain W_0 on the first periods, meta-train Θ (Algorithm 1) up to ``until``."""
-    from smlrec.config import SMLConfig
-    from smlrec.daily import DailyConfig, bootstrap
+def bootstrap_op(data_uri: str, state_uri: str, until: str, config_uri: str) -> str:
+    """Pretrain W_0 on the first periods, run every challenger (SML meta-training Θ with
+    Algorithm 1) up to ``until``; keep the run configuration in the state store."""
+    from smlrec.config import DailyConfig
+    from smlrec.daily import bootstrap
     from smlrec.device import configure_threads, pick_device
     from smlrec.registry import StateStore
 
     configure_threads()
-    cfg = DailyConfig(sml=SMLConfig(outer_steps=outer_steps, theta_init=theta_init),
-                      pretrain_periods=pretrain_periods,
-                      pretrain_epochs=pretrain_epochs, seed=seed, device=str(pick_device()))
+    device = str(pick_device())
+    cfg = DailyConfig.load(config_uri, device=device) if config_uri else DailyConfig(
+        device=device)
     return bootstrap(data_uri, StateStore(state_uri), cfg, until)["candidate"]
 
 
 @dsl.pipeline(name="smlrec-bootstrap",
-              description="Run once before the daily pipeline: pretrain W_0, meta-train Θ.")
+              description="Run once before the daily pipeline: pretrain W_0, meta-train Θ, "
+              "train the other challengers, keep the run configuration.")
 def bootstrap_pipeline(until: str, data_uri: str = "data/ml-100k", state_uri: str = "state",
-                       pretrain_periods: int = 10, pretrain_epochs: int = 20,
-                       outer_steps: int = 3, theta_init: str = "random", seed: int = 0):
+                       config_uri: str = ""):
     """Bootstrap the state store.
 
     Args:
-        until: Last period of meta-training, YYYY-MM-DD; its model becomes the first candidate.
+        until: Last period of meta-training, YYYY-MM-DD; its models become the first candidate.
         data_uri: The period-partitioned interaction store.
         state_uri: The state store to create.
-        pretrain_periods: How many first periods W_0 is trained on.
-        pretrain_epochs: MF epochs for W_0.
-        outer_steps: SML outer steps per meta-training period.
-        theta_init: "random" (the paper's initialisation of Θ) or "identity" (Θ first fitted
-            to f(a, b) ≈ b, so the transfer starts as fine-tuning).
-        seed: Random seed.
+        config_uri: The run configuration (YAML: challengers, floor, pretraining, seed), e.g.
+            configs/ml-100k.yaml, as the backtest's selection wrote it; empty: the built-in
+            defaults (SML alone against last period's popularity).
     """
     _train_task(bootstrap_op(data_uri=data_uri, state_uri=state_uri, until=until,
-                             pretrain_periods=pretrain_periods,
-                             pretrain_epochs=pretrain_epochs, outer_steps=outer_steps,
-                             theta_init=theta_init, seed=seed))
+                             config_uri=config_uri))

@@ -29,14 +29,24 @@ def _abs(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def run_bootstrap(data_uri: str, state_uri: str, until: str, work_dir: str, **params) -> str:
-    """Run the bootstrap pipeline locally, holding the state store's lock."""
+def run_bootstrap(data_uri: str, state_uri: str, until: str, work_dir: str,
+                  config_uri: str = "") -> str:
+    """Run the bootstrap pipeline locally, holding the state store's lock. ``config_uri``
+    is the run configuration (YAML); empty: the built-in defaults."""
     store = StateStore(_abs(state_uri))
+    if config_uri:
+        from smlrec.config import DailyConfig
+
+        try:
+            DailyConfig.load(_abs(config_uri))  # a bad file stops here, before any task runs
+        except (OSError, ValueError) as exc:
+            raise SmlrecError(f"{config_uri}: not a usable run configuration: {exc}") from exc
     with store.lock("bootstrap"):
         init_local(work_dir)
         try:
             bootstrap_pipeline(until=until, data_uri=_abs(data_uri),
-                               state_uri=_abs(state_uri), **params)
+                               state_uri=_abs(state_uri),
+                               config_uri=_abs(config_uri) if config_uri else "")
         except RuntimeError as exc:
             raise SmlrecError(f"bootstrap stopped: {_plain(str(exc))}") from exc
     return store.get_pointer("candidate")
@@ -69,10 +79,13 @@ def run_daily(period: str, data_uri: str, state_uri: str, work_dir: str,
                               ) from exc
     decisions = [d for d in store.decisions() if d.get("period") == period]
     last = decisions[-1] if decisions else {}
+    prod = store.pointer_info("production")
     return {"period": period, "skipped": False, "decision": last.get("decision"),
-            "scores": last.get("scores", {}), "seconds": time.perf_counter() - start,
+            "strategy": last.get("strategy"), "challengers": last.get("challengers", []),
+            "scores": last.get("scores", {}), "vs_floor": last.get("vs_floor", {}),
+            "seconds": time.perf_counter() - start,
             "steps": step_seconds(Path(work_dir) / "outputs", wall_start),
-            "production": store.get_pointer("production"),
+            "production": prod.get("period"), "production_strategy": prod.get("strategy"),
             "candidate": store.get_pointer("candidate")}
 
 
@@ -116,17 +129,25 @@ def default_work_dir() -> str:
     return os.environ.get("SMLREC_KFP_DIR") or tempfile.mkdtemp(prefix="smlrec-kfp-")
 
 
+SUMMARY_HEAD = (f"{'period':<11} {'decision':<8} {'serving':<22} {'challengers (NDCG@20)':<32} "
+                f"{'incumbent':>9} {'floor':>7} {'users':>5} {'seconds':>7}")
+
+
 def summary_line(r: dict) -> str:
+    """One aligned row per period (see ``SUMMARY_HEAD``)."""
     if r.get("skipped"):
-        return f"{r['period']}  already done, skipped"
+        return f"{r['period']:<11} already done, skipped"
     s = r.get("scores", {})
 
     def ndcg(name: str) -> str:
         v = s.get(name, {}).get("ndcg@20")
-        return "   -  " if v is None else f"{v:.4f}"
+        return "-" if v is None else f"{v:.4f}"
 
-    steps = " ".join(f"{k} {v:.1f}" for k, v in r.get("steps", {}).items())
-    return (f"{r['period']}  {r['decision'] or '-':<8} cand {ndcg('candidate')}  inc "
-            f"{ndcg('incumbent')}  pop {ndcg('popularity')}  {r['seconds']:6.1f} s  "
-            f"production={r['production']}  [{steps}]")
-
+    mark = {r.get("strategy"): "*"}
+    chal = " ".join(f"{n} {ndcg(n)}{mark.get(n, '')}" for n in r.get("challengers", []))
+    prod = r.get("production")
+    serving = f"{prod} {r.get('production_strategy') or ''}".strip() if prod else "popularity"
+    users = s.get("popularity", {}).get("n_users", "-")
+    return (f"{r['period']:<11} {r['decision'] or '-':<8} {serving:<22} {chal:<32} "
+            f"{ndcg('incumbent'):>9} {ndcg('popularity'):>7} {users:>5} "
+            f"{r['seconds']:7.1f}")

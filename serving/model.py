@@ -33,6 +33,7 @@ class ModelInfo:
     gate: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     loaded_at: float = field(default_factory=time.time)
+    strategy: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,13 @@ class ServedModel:
 
     ``popular`` is the packaged list of the latest period's most popular item ids, the
     fallback for users nothing is known about when no online feature store is configured.
+    ``prior_column``: the last column is the blend (users' 1, items' λ·log1p(popularity));
+    a user built from items gets 1 there, and item similarity leaves it out.
     """
 
     def __init__(self, user: torch.Tensor, item: torch.Tensor, users: Vocab, items: Vocab,
-                 info: ModelInfo, popular: Sequence[str] = (), device: torch.device | str = "cpu"):
+                 info: ModelInfo, popular: Sequence[str] = (), device: torch.device | str = "cpu",
+                 prior_column: bool = False):
         if user.ndim != 2 or item.ndim != 2 or user.shape[1] != item.shape[1]:
             raise ValueError(f"embedding shapes do not match: user {tuple(user.shape)}, "
                              f"item {tuple(item.shape)}")
@@ -68,7 +72,9 @@ class ServedModel:
         self.device = torch.device(device)
         self.user = user.detach().to(self.device, torch.float32).contiguous()
         self.item = item.detach().to(self.device, torch.float32)[: len(items)].contiguous()
-        self.item_norm = self.item.norm(dim=1).clamp_min(1e-12)
+        self.prior_column = prior_column
+        self.latent = self.item[:, :-1] if prior_column else self.item
+        self.item_norm = self.latent.norm(dim=1).clamp_min(1e-12)
         self.info = info
         self.item_ids: list[str] = items.ids
         self._user_row = {u: i for i, u in enumerate(users.ids)}
@@ -84,12 +90,16 @@ class ServedModel:
         unpickled) holding ``user``/``item`` tensors and the two vocabularies."""
         tensors, meta, files = load_bundle(url)
         popular = json.loads(files["popular.json"]) if "popular.json" in files else []
+        strategy = info.strategy or str(meta.get("strategy", ""))
+        challenger = (meta.get("challengers") or {}).get(strategy, {})
+        prior_column = bool(meta.get("prior_column", challenger.get("prior_column", False)))
         info = replace(info, period=info.period or str(meta.get("period", "")),
-                       gate=info.gate or dict(meta.get("gate") or {}), loaded_at=time.time())
+                       gate=info.gate or dict(meta.get("gate") or {}), loaded_at=time.time(),
+                       strategy=strategy)
         return cls(tensors[user_key], tensors[item_key],
                    Vocab.from_json(files["vocab_users.json"].decode()),
                    Vocab.from_json(files["vocab_items.json"].decode()),
-                   info, popular, device)
+                   info, popular, device, prior_column)
 
     # ------------------------------------------------------------------ lookups
 
@@ -125,7 +135,10 @@ class ServedModel:
     def mean_item_vector(self, rows: Sequence[int]) -> torch.Tensor:
         """A user built in real time: the mean embedding of the items they interacted with."""
         index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
-        return self.item.index_select(0, index).mean(dim=0)
+        query = self.item.index_select(0, index).mean(dim=0)
+        if self.prior_column:
+            query[-1] = 1.0  # the blend applies in full, as for a known user
+        return query
 
     # ------------------------------------------------------------------ ranking
 
@@ -163,7 +176,8 @@ class ServedModel:
     def similar(self, item_row: int, k: int) -> TopK:
         """The ``k`` items whose embeddings have the highest cosine similarity to ``item_row``
         (the item itself excluded)."""
-        cos = (self.item @ self.item[item_row]) / (self.item_norm * self.item_norm[item_row])
+        cos = (self.latent @ self.latent[item_row]) / (self.item_norm
+                                                        * self.item_norm[item_row])
         cos[item_row] = float("-inf")
         kk = min(k, self.n_items - 1)
         if kk <= 0:
@@ -174,6 +188,7 @@ class ServedModel:
     def describe(self) -> dict[str, Any]:
         """What ``/metadata`` says about this model."""
         return {"stage": self.info.stage, "version": self.info.version,
-                "period": self.info.period, "gate": self.info.gate, "source": self.info.source,
+                "period": self.info.period, "strategy": self.info.strategy,
+                "gate": self.info.gate, "source": self.info.source,
                 "loaded_at": self.info.loaded_at, "n_users": self.n_users,
                 "n_items": self.n_items, "dim": self.dim, "device": str(self.device)}

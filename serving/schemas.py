@@ -52,8 +52,11 @@ class ServedBy(BaseModel):
     stage: Literal["production", "candidate", "popularity"] = Field(
         description="'candidate' when the user is in the canary share; 'popularity' while no "
         "model has been accepted (popular items for everyone outside the canary).")
-    version: str = Field(description="The model version (BentoML tag or state:<period>).")
+    version: str = Field(description="The model version (BentoML tag or "
+                         "state:<period>:<strategy>).")
     period: str = Field(description="The period whose data trained it ('' for popularity).")
+    strategy: str = Field("", description="The retraining strategy that produced it (sml, "
+                          "window...: the challenger the gate promoted; '' for popularity).")
 
 
 class RecommendResponse(BaseModel):

@@ -130,7 +130,8 @@ def _tune_gc() -> None:
 
 
 def _served_by(model: ServedModel) -> ServedBy:
-    return ServedBy(stage=model.info.stage, version=model.info.version, period=model.info.period)
+    return ServedBy(stage=model.info.stage, version=model.info.version, period=model.info.period,
+                    strategy=model.info.strategy)
 
 
 def _preview(ids: list[str], n: int = 10) -> str:

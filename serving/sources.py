@@ -77,7 +77,8 @@ class BentoStoreSource:
             period = str(model.info.labels.get("period", ""))
             gate = _gate(model.info.metadata.get("gate"))
             info = ModelInfo(stage=stage, version=str(model.tag), period=period, gate=gate,
-                             source=self.name)
+                             source=self.name,
+                             strategy=str(model.info.labels.get("strategy", "")))
             path = model.path_of("bundle")
             out[stage] = ModelRef(str(model.tag), period,
                                   lambda device, p=path, i=info: ServedModel.from_bundle(
@@ -95,13 +96,16 @@ class StateStoreSource:
         self.name = f"state:{self.store.uri}"
 
     def latest(self) -> dict[str, ModelRef]:
+        from smlrec.daily import serving_choice
+
         out = {}
         for stage in STAGES:
-            period = self.store.get_pointer(stage)
+            period, strategy = serving_choice(self.store, stage)
             if period is None:
                 continue
-            info = ModelInfo(stage=stage, version=f"state:{period}", period=period,
-                             source=self.name)
+            version = f"state:{period}" + (f":{strategy}" if strategy else "")
+            info = ModelInfo(stage=stage, version=version, period=period,
+                             source=self.name, strategy=strategy or "")
             out[stage] = ModelRef(info.version, period,
                                   lambda device, i=info: self._load(i, device))
         return out
@@ -109,9 +113,13 @@ class StateStoreSource:
     def _load(self, info: ModelInfo, device: torch.device) -> ServedModel:
         """Load a pointed-to bundle with its gate scores (the log is read only here, when a
         new version is loaded, not at every poll)."""
+        from smlrec.io import read_json
+        from smlrec.registry import served_keys
+
         info = replace(info, gate=self.store.promotion_scores(info.period))
-        return ServedModel.from_bundle(self.store.period_uri(info.period), info, device,
-                                       user_key="w.user", item_key="w.item")
+        url = self.store.period_uri(info.period)
+        ukey, ikey = served_keys(read_json(f"{url}/metadata.json"), info.strategy or None)
+        return ServedModel.from_bundle(url, info, device, user_key=ukey, item_key=ikey)
 
 
 def _gate(value: Any) -> dict[str, Any]:

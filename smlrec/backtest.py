@@ -5,6 +5,13 @@ Periods are split, in time order, into pretraining (W_0 trained normally), meta-
 chosen here, and only here) and test (reported). Every strategy is evaluated on period t
 with the model it produced after period t-1 ("test on the next period"), on the users and
 items that model already knows, excluding the items each user interacted with before.
+
+Every figure is a mean over seeds (``BacktestConfig.seeds``, three by default) with its
+spread; configurations are chosen by their mean over seeds on the validation periods; each
+method's test figure comes with a paired bootstrap interval of its ratio to the validated
+popularity floor, over test users. Each MF configuration is also scored with the blend
+``+ λ·log1p(recent popularity)`` for every λ of ``BacktestConfig.blends`` (one trained
+model, several served variants), and λ is chosen on validation like any other parameter.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,24 +31,23 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from smlrec import metrics
-from smlrec.config import LossConfig, MFConfig, SMLConfig, _Config
+from smlrec.config import DailyConfig, LossConfig, MethodSpec, MFConfig, SMLConfig, _Config
 from smlrec.schema import ITEM, PERIOD, USER
 from smlrec.strategies import (
-    METHODS,
-    SML,
-    FineTune,
-    FullRetrain,
+    PARAMS,
+    Defaults,
     PeriodData,
-    Popularity,
-    SlidingWindow,
     Strategy,
+    build_strategy,
     concat,
+    extra_meta_passes,
     pretrain,
 )
 from smlrec.vocab import Vocab
 
 PHASES = ("pretrain", "meta", "val", "test")
 PRIMARY = "ndcg@20"
+MF_METHODS = ("sml", "full", "finetune", "window")
 
 
 class Split(_Config):
@@ -70,16 +77,21 @@ class Split(_Config):
         return PHASES[int(np.searchsorted(bounds, t, side="right"))]
 
 
-# Candidate hyper-parameters per method. Chosen by validation NDCG@20 only.
+# Candidate hyper-parameters per method, chosen by validation NDCG@20 (mean over seeds)
+# only. Learning rate 3e-3 and 4 negatives come from the validation study in
+# ../shared/design/quality-study.md; the SML variants from benchmarks/sml_study.py.
+_MF = {"lr": 3e-3, "n_negatives": 4}
 DEFAULT_GRIDS: dict[str, list[dict]] = {
-    "sml": [{"outer_steps": 1}, {"outer_steps": 3},
-            {"outer_steps": 3, "schedule": "official"},
-            {"outer_steps": 3, "theta_init": "identity"}],
-    "full": [{"epochs": 1}, {"epochs": 5}, {"epochs": 20}],
-    "finetune": [{"epochs": 1}, {"epochs": 5}, {"epochs": 20}],
-    "window": [{"window": 3, "epochs": 5}, {"window": 3, "epochs": 20}],
-    "pop": [{}],
+    "sml": [{},
+            {"transfer": "residual", "what_lr": 3e-3, "what_epochs": 5, "n_negatives": 4},
+            {"transfer": "gated", "what_lr": 3e-3, "what_epochs": 5, "n_negatives": 4}],
+    "full": [{"epochs": 1, **_MF}, {"epochs": 5, **_MF}],
+    "finetune": [{"epochs": 5, **_MF}, {"epochs": 20, **_MF}],
+    "window": [{"window": 3, "epochs": 20, **_MF}, {"window": 4, "epochs": 20, **_MF}],
+    "pop": [{"window": 1}, {"window": 2}, {"window": 4}, {"window": 8}, {"half_life": 1},
+            {"half_life": 2}],
 }
+DEFAULT_BLENDS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 class BacktestConfig(_Config):
@@ -89,8 +101,14 @@ class BacktestConfig(_Config):
                                                         "pop"])
     split: Split | None = Field(None, description="Phase sizes; default scales 10/12/3/7 of 32.")
     grids: dict[str, list[dict]] = Field(default_factory=lambda: DEFAULT_GRIDS)
+    blends: tuple[float, ...] = Field(
+        DEFAULT_BLENDS, description="Blend weights λ scored for every MF configuration that "
+        "does not fix its own `blend` (0: the model alone).")
     pretrain_epochs: int = Field(20, ge=1, description="Epochs of MF training for W_0.")
-    mf_lr: float = Field(1e-2, gt=0, description="Adam learning rate of MF training.")
+    pretrain_lr: float = Field(3e-3, gt=0, description="Adam learning rate for W_0 (3e-3 "
+                               "was chosen on validation in the quality study).")
+    mf_lr: float = Field(1e-2, gt=0, description="Default Adam learning rate of MF "
+                         "retraining (a grid's `lr` overrides it).")
     loss: LossConfig = Field(default_factory=LossConfig)
     sml: SMLConfig = Field(default_factory=SMLConfig)
     ks: tuple[int, ...] = (5, 10, 20)
@@ -98,24 +116,18 @@ class BacktestConfig(_Config):
     sampled_max_positives: int = Field(
         5000, ge=1, description="Sampled protocol: at most this many test positives per period "
         "(a seeded uniform subsample; the full-ranking metrics always use every positive).")
-    seed: int = 0
+    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1, description="Every figure is a "
+                                   "mean over these seeds.")
+    until: str = Field("test", pattern="^(val|test)$", description="val: stop after the "
+                       "validation periods (for searches, which must never see test).")
+    n_boot: int = Field(2000, ge=100, description="Bootstrap replicates of each interval.")
     device: str = "cpu"
     progress: bool = True
 
-
-def build_strategy(method: str, params: dict, cfg: BacktestConfig) -> Strategy:
-    """Instantiate ``method`` with one point of its grid."""
-    common = {"loss": cfg.loss, "seed": cfg.seed, "device": cfg.device}
-    params = dict(params)
-    if method == "sml":
-        return SML(sml=cfg.sml.model_copy(update=params), **common)
-    if method == "pop":
-        return Popularity(**common)
-    if method in ("full", "finetune", "window"):
-        mf = MFConfig(lr=cfg.mf_lr, epochs=params.pop("epochs", 1))
-        cls = {"full": FullRetrain, "finetune": FineTune, "window": SlidingWindow}[method]
-        return cls(mf=mf, **common, **params)
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    def defaults(self, seed: int) -> Defaults:
+        """What every strategy's parameters fall back to, for one seed."""
+        return Defaults(loss=self.loss, mf=MFConfig(lr=self.mf_lr), sml=self.sml, seed=seed,
+                        device=self.device)
 
 
 @dataclass
@@ -128,12 +140,18 @@ class IndexedPeriods:
     users: Vocab = field(repr=False)
     items: Vocab = field(repr=False)
 
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        return list(zip(self.n_users_after, self.n_items_after, strict=True))
+
 
 def index_periods(frame: pd.DataFrame) -> IndexedPeriods:
     """Grow the vocabularies period by period, as production would, and index every row."""
+    from smlrec.data.store import canonical_order
+
     users, items = Vocab(), Vocab()
     out, nu, ni = [], [], []
-    for pid, part in frame.groupby(PERIOD, sort=True):
+    for pid, part in canonical_order(frame).groupby(PERIOD, sort=True):
         users.add(part[USER])
         items.add(part[ITEM])
         out.append(PeriodData(str(pid), users.lookup(part[USER]), items.lookup(part[ITEM])))
@@ -142,17 +160,27 @@ def index_periods(frame: pd.DataFrame) -> IndexedPeriods:
     return IndexedPeriods(out, nu, ni, users, items)
 
 
-def evaluate(strategy: Strategy, test: PeriodData, history: list[PeriodData], n_users: int,
-             n_items: int, cfg: BacktestConfig, seed: int, sampled: bool = True
-             ) -> dict[str, float]:
-    """Metrics of ``strategy``'s current model on period ``test`` (known users and items).
+def views(method: str, params: dict, blends: tuple[float, ...]) -> list[tuple[dict, float | None]]:
+    """The served variants of one trained configuration: (params as reported, blend weight).
+    MF configurations without their own ``blend`` are scored at every weight of ``blends``."""
+    if method not in MF_METHODS or "blend" in params or not blends:
+        return [(dict(params), None)]
+    return [({**params, "blend": float(b)}, float(b)) for b in blends]
 
-    Full ranking always; the sampled protocol (and AUC) only when ``sampled``.
+
+def evaluate(strategy: Strategy, test: PeriodData, hist_users: np.ndarray,
+             hist_items: np.ndarray, n_users: int, n_items: int, cfg: BacktestConfig, seed: int,
+             sampled: bool = True, blend: float | None = None, per_user: bool = False
+             ) -> dict[str, Any]:
+    """Metrics of ``strategy``'s current model (with blend weight ``blend``, default its own)
+    on period ``test`` (known users and items), excluding the history's pairs.
+
+    Full ranking always; the sampled protocol (and AUC) only when ``sampled``; per-user
+    NDCG/Recall (for the bootstrap) when ``per_user``.
     """
     keep = (test.users < n_users) & (test.items < n_items)
     tu, ti = test.users[keep], test.items[keep]
-    hu, hi = concat(history)
-    w, prior = strategy.weights(), strategy.item_prior()
+    w, prior = strategy.weights(blend), strategy.item_prior()
     if w is not None:
         scorer = metrics.mf_scorer(w.user[:n_users], w.item[:n_items])
         pair = metrics.mf_pair_scorer(w.user[:n_users], w.item[:n_items])
@@ -161,151 +189,380 @@ def evaluate(strategy: Strategy, test: PeriodData, history: list[PeriodData], n_
         pair = metrics.popularity_pair_scorer(prior[:n_items])
     else:
         raise RuntimeError(f"strategy {strategy.name} has no model yet")
-    out = metrics.full_ranking(scorer, tu, ti, n_items, hu, hi, ks=cfg.ks)
+    out = metrics.full_ranking(scorer, tu, ti, n_items, hist_users, hist_items, ks=cfg.ks,
+                               per_user=per_user)
     if sampled:
         if len(tu) > cfg.sampled_max_positives:
             pick = np.random.default_rng(seed).choice(len(tu), cfg.sampled_max_positives,
                                                       replace=False)
             tu, ti = tu[pick], ti[pick]
-        res = metrics.sampled_ranking(pair, tu, ti, n_items, hu, hi,
+        res = metrics.sampled_ranking(pair, tu, ti, n_items, hist_users, hist_items,
                                       n_negatives=cfg.n_negatives, ks=(20,), seed=seed)
         out.update({f"sampled_{k}": v for k, v in res.items() if not k.startswith("n_")})
         out["auc"] = out.pop("sampled_auc")
     return out
 
 
+@dataclass
+class Backtest:
+    """What a backtest run produced.
+
+    ``results``: one row per (seed, method, config, period) with the phase, the metrics and
+    the seconds the update after that period took. ``per_user``: for test periods, each
+    test user's NDCG@20 and Recall@20, keyed by (seed, method, config, t).
+    """
+
+    results: pd.DataFrame
+    per_user: dict[tuple[int, str, int, int], dict[str, np.ndarray]]
+    split: Split
+    seeds: tuple[int, ...]
+    n_boot: int = 2000
+    strategies: dict[tuple[int, str, int], Strategy] = field(default_factory=dict)
+    """The trained strategies after the last period, by (seed, method, grid index)."""
+
+
 def run_backtest(frame: pd.DataFrame, cfg: BacktestConfig,
-                 log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Run every method (each point of its grid) through all periods. One row per
-    (method, config, evaluated period): phase, metrics, and the seconds the update after
-    that period took (``train_seconds``)."""
+                 log: Callable[[str], None] = print, cache: dict | None = None) -> Backtest:
+    """Run every method (each point of its grid) through all periods, once per seed.
+    ``cache`` (a dict the caller keeps) memoises W_0 across runs on the same data, for
+    searches that run many configurations."""
     data = index_periods(frame)
     n = len(data.periods)
     split = cfg.split or Split.default(n)
     if split.pretrain + split.meta + split.val + split.test != n:
         raise ValueError(f"split {split.model_dump()} does not add up to the {n} periods")
+    for method in cfg.methods:
+        if method not in PARAMS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(PARAMS)}")
+        for params in cfg.grids.get(method, [{}]):
+            build_strategy(method, params, cfg.defaults(0))  # fail before any training
+    last = n if cfg.until == "test" else n - split.test
+    log(f"{n} periods: pretrain {split.pretrain}, meta-train {split.meta}, "
+        f"validation {split.val}, test {split.test}{'' if cfg.until == 'test' else ' (not run)'}"
+        f"; seeds {', '.join(map(str, cfg.seeds))}; device {cfg.device}")
+    rows: list[dict] = []
+    per_user: dict = {}
+    strategies: dict = {}
+    bar = tqdm(total=len(cfg.seeds) * (last - split.pretrain), desc="periods",
+               disable=not cfg.progress, unit="period")
+    for seed in cfg.seeds:
+        runs = _run_seed(data, split, cfg, seed, last, rows, per_user, log, bar, cache)
+        for method, s, _, rid in runs:
+            strategies[(seed, method, rid)] = s
+    bar.close()
+    return Backtest(pd.DataFrame(rows), per_user, split, tuple(cfg.seeds), cfg.n_boot,
+                    strategies)
+
+
+def _run_seed(data: IndexedPeriods, split: Split, cfg: BacktestConfig, seed: int, last: int,
+              rows: list[dict], per_user: dict, log: Callable[[str], None], bar: tqdm,
+              cache: dict | None = None) -> list:
     device = torch.device(cfg.device)
     p = split.pretrain
-    log(f"{n} periods: pretrain {split.pretrain}, meta-train {split.meta}, "
-        f"validation {split.val}, test {split.test}; device {device}")
     t0 = time.perf_counter()
-    w0 = pretrain(data.periods[:p], data.n_users_after[p - 1], data.n_items_after[p - 1],
-                  MFConfig(lr=cfg.mf_lr, epochs=cfg.pretrain_epochs), cfg.loss, cfg.seed,
-                  device, progress=cfg.progress)
-    log(f"pretrained W_0 on {sum(map(len, data.periods[:p]))} positives "
-        f"in {time.perf_counter() - t0:.1f} s")
-
+    key = (seed, p, cfg.pretrain_lr, cfg.pretrain_epochs, cfg.loss, cfg.device)
+    if cache is not None and key in cache:
+        w0 = cache[key]
+    else:
+        w0 = pretrain(data.periods[:p], data.n_users_after[p - 1], data.n_items_after[p - 1],
+                      MFConfig(lr=cfg.pretrain_lr, epochs=cfg.pretrain_epochs), cfg.loss, seed,
+                      device, progress=cfg.progress)
+        if cache is not None:
+            cache[key] = w0
+        log(f"seed {seed}: pretrained W_0 on {sum(map(len, data.periods[:p]))} positives "
+            f"in {time.perf_counter() - t0:.1f} s")
     runs = []
     for method in cfg.methods:
-        for cid, params in enumerate(cfg.grids.get(method, [{}])):
-            s = build_strategy(method, params, cfg)
+        cid = 0
+        for rid, params in enumerate(cfg.grids.get(method, [{}])):
+            s = build_strategy(method, params, cfg.defaults(seed))
             s.start(w0)
-            runs.append((method, cid, params, s))
-
-    rows = []
-    bar = tqdm(range(p, n), desc="periods", disable=not cfg.progress, unit="period")
-    for t in bar:
+            extra_meta_passes(s, w0, data.periods, data.sizes, p, p + split.meta)
+            vs = []
+            for vparams, blend in views(method, params, cfg.blends):
+                vs.append((cid, vparams, blend))
+                cid += 1
+            runs.append((method, s, vs, rid))
+    for t in range(p, last):
         history = data.periods[: t + 1]
+        phase = split.phase(t)
         nu_prev, ni_prev = data.n_users_after[t - 1], data.n_items_after[t - 1]
-        for method, cid, params, s in runs:
-            row = {"method": method, "config": cid, "params": json.dumps(params),
-                   "period": data.periods[t].period, "t": t, "phase": split.phase(t)}
-            if t > p:  # models after period t-1 exist from here on
-                row.update(evaluate(s, data.periods[t], history[:-1], nu_prev, ni_prev, cfg,
-                                    seed=cfg.seed * 7919 + t,
-                                    sampled=row["phase"] in ("val", "test")))
+        hu, hi = concat(history[:-1])
+        for method, s, vs, _ in runs:
+            new = []
+            for cid, vparams, blend in vs:
+                row = {"seed": seed, "method": method, "config": cid,
+                       "params": json.dumps(vparams, sort_keys=True),
+                       "period": data.periods[t].period, "t": t, "phase": phase}
+                if t > p:  # models after period t-1 exist from here on
+                    m = evaluate(s, data.periods[t], hu, hi, nu_prev, ni_prev, cfg,
+                                 seed=seed * 7919 + t, sampled=phase in ("val", "test"),
+                                 blend=blend, per_user=phase == "test")
+                    pu = m.pop("per_user", None)
+                    if pu is not None:
+                        per_user[(seed, method, cid, t)] = {
+                            "user": pu["user"], "ndcg@20": pu["ndcg@20"].astype(np.float32),
+                            "recall@20": pu["recall@20"].astype(np.float32)}
+                    row.update(m)
+                new.append(row)
             start = time.perf_counter()
-            row.update(s.update(history, data.n_users_after[t], data.n_items_after[t]))
-            row["train_seconds"] = time.perf_counter() - start
-            rows.append(row)
-        bar.set_postfix_str(data.periods[t].period)
-    return pd.DataFrame(rows)
+            out = s.update(history, data.n_users_after[t], data.n_items_after[t])
+            seconds = time.perf_counter() - start
+            for row in new:
+                row.update(out)
+                row["train_seconds"] = seconds
+            rows.extend(new)
+        bar.update()
+        bar.set_postfix_str(f"seed {seed} {data.periods[t].period}")
+    return runs
 
 
-def select_configs(results: pd.DataFrame, metric: str = PRIMARY) -> dict[str, int]:
-    """For each method, the config with the best weighted ``metric`` on validation periods."""
-    chosen = {}
-    val = results[results["phase"] == "val"]
-    for method, part in val.groupby("method", sort=False):
-        scores = {cid: _weighted(g, metric) for cid, g in part.groupby("config")}
-        chosen[method] = max(scores, key=lambda c: (np.nan_to_num(scores[c], nan=-1), -c))
-    return chosen
+# ----------------------------------------------------------------------------- selection
 
 
 def _weighted(part: pd.DataFrame, metric: str) -> float:
+    """The period mean of ``metric`` weighted by test interactions."""
     w = part["n_interactions"].fillna(0).to_numpy(float)
     v = part[metric].to_numpy(float)
     ok = (w > 0) & np.isfinite(v)
     return float((w[ok] * v[ok]).sum() / w[ok].sum()) if ok.any() else float("nan")
 
 
-def summarize(results: pd.DataFrame, chosen: dict[str, int], dataset: str) -> dict:
-    """The summary.json document: test-period figures of each method's chosen config."""
-    out = {"dataset": dataset, "primary_metric": PRIMARY, "methods": {}}
-    for method, cid in chosen.items():
-        part = results[(results["method"] == method) & (results["config"] == cid)]
-        test = part[part["phase"] == "test"]
-        val = part[part["phase"] == "val"]
-        out["methods"][method] = {
-            "ndcg@20": _weighted(test, "ndcg@20"),
-            "recall@20": _weighted(test, "recall@20"),
-            "auc": _weighted(test, "auc"),
-            "sampled_ndcg@20": _weighted(test, "sampled_ndcg@20"),
-            "sampled_recall@20": _weighted(test, "sampled_recall@20"),
-            "val_ndcg@20": _weighted(val, "ndcg@20"),
-            "train_seconds_last_period": float(part["train_seconds"].iloc[-1]),
-            "train_seconds_mean_test": float(test["train_seconds"].mean()),
-            "params": json.loads(part["params"].iloc[0]),
-            "n_test_interactions": int(test["n_interactions"].sum()),
-        }
+def per_seed(part: pd.DataFrame, metric: str) -> np.ndarray:
+    """The weighted ``metric`` of each seed in ``part`` (one method, one config, one phase)."""
+    if "seed" not in part:
+        return np.array([_weighted(part, metric)])
+    return np.array([_weighted(g, metric) for _, g in part.groupby("seed", sort=True)])
+
+
+def _mean_sd(values: np.ndarray) -> tuple[float, float]:
+    ok = values[np.isfinite(values)]
+    if not len(ok):
+        return float("nan"), float("nan")
+    return float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0
+
+
+def select_configs(results: pd.DataFrame, metric: str = PRIMARY) -> dict[str, int]:
+    """For each method, the config with the best validation ``metric``: the mean over seeds
+    of each seed's interaction-weighted mean over the validation periods."""
+    chosen = {}
+    val = results[results["phase"] == "val"]
+    for method, part in val.groupby("method", sort=False):
+        scores = {cid: _mean_sd(per_seed(g, metric))[0] for cid, g in part.groupby("config")}
+        chosen[method] = max(scores, key=lambda c: (np.nan_to_num(scores[c], nan=-1), -c))
+    return chosen
+
+
+def config_table(results: pd.DataFrame, metric: str = PRIMARY) -> dict[str, list[dict]]:
+    """Every configuration's validation and test ``metric`` (mean and spread over seeds):
+    the record of what each variant scored, beside what was chosen."""
+    out: dict[str, list[dict]] = {}
+    for (method, cid), part in results.groupby(["method", "config"], sort=False):
+        row = {"config": int(cid), "params": json.loads(part["params"].iloc[0])}
+        for phase in ("val", "test"):
+            mean, sd = _mean_sd(per_seed(part[part["phase"] == phase], metric))
+            row[phase], row[f"{phase}_sd"] = mean, sd
+        out.setdefault(method, []).append(row)
     return out
 
 
+def _best(m: dict, keys: list[str], by: str = "val_ndcg@20") -> str | None:
+    ok = [k for k in keys if k in m and math.isfinite(m[k][by])]
+    return max(ok, key=lambda k: m[k][by]) if ok else None
+
+
+def summarize(run: Backtest | pd.DataFrame, chosen: dict[str, int], dataset: str) -> dict:
+    """The summary.json document: each method's chosen config, its test figures (mean and
+    spread over seeds), its validation figure, and its bootstrap interval against the
+    validated popularity floor (``pop``'s chosen config)."""
+    if isinstance(run, pd.DataFrame):
+        run = Backtest(run, {}, Split(pretrain=1, meta=1, val=1, test=1), (0,))
+    results = run.results
+    seeds = sorted(results["seed"].unique().tolist()) if "seed" in results else [0]
+    out: dict[str, Any] = {"dataset": dataset, "primary_metric": PRIMARY, "seeds": seeds,
+                           "methods": {}}
+    ref = results[(results["seed"] == seeds[0]) & (results["method"] == results["method"].iloc[0])
+                  ] if "seed" in results else results.iloc[:0]
+    ref = ref[ref["config"] == ref["config"].min()]
+    out["periods"] = [{"period": r.period, "phase": r.phase, "n_users": int(r.n_users),
+                       "n_interactions": int(r.n_interactions)}
+                      for r in ref.itertuples() if r.phase in ("val", "test")
+                      and isinstance(r.n_users, int | float) and np.isfinite(r.n_users)]
+    if "pop" in chosen:
+        out["floor"] = {"method": "pop", "config": _params(results, "pop", chosen["pop"])}
+    for method, cid in chosen.items():
+        part = results[(results["method"] == method) & (results["config"] == cid)]
+        test, val = part[part["phase"] == "test"], part[part["phase"] == "val"]
+        ndcg, ndcg_sd = _mean_sd(per_seed(test, "ndcg@20"))
+        recall, recall_sd = _mean_sd(per_seed(test, "recall@20"))
+        val_ndcg, val_sd = _mean_sd(per_seed(val, "ndcg@20"))
+        params = _params(results, method, cid)
+        entry = {
+            "ndcg@20": ndcg, "ndcg@20_sd": ndcg_sd,
+            "recall@20": recall, "recall@20_sd": recall_sd,
+            "auc": _mean_sd(per_seed(test, "auc"))[0] if "auc" in test else float("nan"),
+            "sampled_ndcg@20": _mean_sd(per_seed(test, "sampled_ndcg@20"))[0]
+            if "sampled_ndcg@20" in test else float("nan"),
+            "sampled_recall@20": _mean_sd(per_seed(test, "sampled_recall@20"))[0]
+            if "sampled_recall@20" in test else float("nan"),
+            "val_ndcg@20": val_ndcg, "val_ndcg@20_sd": val_sd,
+            "train_seconds_last_period": float(part.groupby("seed")["train_seconds"].last()
+                                               .mean()) if "seed" in part else
+            float(part["train_seconds"].iloc[-1]),
+            "train_seconds_mean_test": float(test["train_seconds"].mean()),
+            "params": params, "config": params,
+            "n_test_interactions": int(test[test["seed"] == seeds[0]]["n_interactions"].sum()
+                                       if "seed" in test else test["n_interactions"].sum()),
+        }
+        if "pop" in chosen and run.per_user:
+            entry["ci95_vs_pop"], entry["ratio_vs_pop"], entry["p_not_better_than_pop"] = (
+                _vs_floor(run, method, cid, chosen["pop"]))
+        out["methods"][method] = entry
+    out["configs"] = config_table(results)
+    return out
+
+
+def _params(results: pd.DataFrame, method: str, cid: int) -> dict:
+    part = results[(results["method"] == method) & (results["config"] == cid)]
+    return json.loads(part["params"].iloc[0])
+
+
+def _vs_floor(run: Backtest, method: str, cid: int, pop_cid: int
+              ) -> tuple[list[float], float, float]:
+    """Paired bootstrap of a method's test NDCG@20 over the floor's: per test period, each
+    user's NDCG@20 averaged over seeds against the floor's (deterministic) for that user;
+    periods weighted by test interactions as in the reported means."""
+    res = run.results
+    a, b, w = [], [], []
+    for t in sorted({k[3] for k in run.per_user}):
+        floor = run.per_user.get((run.seeds[0], "pop", pop_cid, t))
+        mine = [run.per_user.get((s, method, cid, t)) for s in run.seeds]
+        mine = [x for x in mine if x is not None]
+        if floor is None or not mine:
+            continue
+        for x in mine:
+            if not np.array_equal(x["user"], floor["user"]):
+                raise RuntimeError(f"period {t}: {method} and the floor scored different users")
+        a.append(np.mean([x["ndcg@20"] for x in mine], axis=0))
+        b.append(floor["ndcg@20"])
+        row = res[(res["t"] == t) & (res["method"] == "pop") & (res["config"] == pop_cid)]
+        w.append(float(row["n_interactions"].iloc[0]))
+    r = metrics.paired_bootstrap(a, b, w, n_boot=run.n_boot, seed=0)
+    return [r["low"], r["high"]], r["ratio"], r["p_not_better"]
+
+
 def ratios(summary: dict) -> dict:
-    """SML against the best baseline (quality) and against Full-retrain (time)."""
+    """The comparisons the product is judged by, each side chosen on validation:
+
+    - the best method (highest validation NDCG@20, popularity included) over the floor,
+      on test, with its bootstrap interval;
+    - SML over the best non-SML method (chosen on validation);
+    - SML's training time at the last period over Full-retrain's.
+    """
     m = summary["methods"]
-    out = {}
+    out: dict[str, Any] = {}
+    best = _best(m, list(m))
+    if best is not None and "pop" in m:
+        out["best_method"] = best
+        out["best_vs_floor"] = m[best][PRIMARY] / m["pop"][PRIMARY]
+        if "ci95_vs_pop" in m[best]:
+            out["best_vs_floor_ci95"] = m[best]["ci95_vs_pop"]
     if "sml" in m:
-        baselines = {k: v[PRIMARY] for k, v in m.items()
-                     if k != "sml" and not math.isnan(v[PRIMARY])}
-        if baselines:
-            best = max(baselines, key=baselines.get)
-            out["best_baseline"] = best
-            out["ndcg_ratio_vs_best_baseline"] = m["sml"][PRIMARY] / baselines[best]
+        base = _best(m, [k for k in m if k != "sml"])
+        if base is not None:
+            out["best_baseline"] = base
+            out["ndcg_ratio_vs_best_baseline"] = m["sml"][PRIMARY] / m[base][PRIMARY]
         if "full" in m:
             out["time_ratio_vs_full"] = (m["sml"]["train_seconds_last_period"]
                                          / m["full"]["train_seconds_last_period"])
     return out
 
 
-def write_outputs(results: pd.DataFrame, summary: dict, out: Path) -> dict[str, Path]:
+# ----------------------------------------------------------------------------- outputs
+
+
+def run_config(summary: dict, cfg: BacktestConfig, split: Split, period: str = ""
+               ) -> DailyConfig:
+    """The daily run's configuration from a backtest's validation choices: the SML
+    challenger (its best per-period-schedule config, the schedule the daily pipeline runs),
+    the best other MF method beside it, and the validated popularity floor."""
+    m = summary["methods"]
+    if "sml" not in m or "pop" not in m:
+        raise ValueError("writing a run configuration needs the sml and pop methods")
+    sml_params = m["sml"]["params"]
+    if sml_params.get("schedule") == "official":
+        table = [c for c in summary["configs"]["sml"]
+                 if c["params"].get("schedule", "per_period") == "per_period"]
+        if not table:
+            raise ValueError("no per-period SML configuration to hand to the daily pipeline")
+        sml_params = max(table, key=lambda c: np.nan_to_num(c["val"], nan=-1))["params"]
+    challengers = [MethodSpec(method="sml", params=sml_params)]
+    other = _best(m, [k for k in m if k not in ("sml", "pop")])
+    if other is not None:
+        challengers.append(MethodSpec(method=other, params=m[other]["params"]))
+    figures = {k: {"val_ndcg@20": v["val_ndcg@20"], "test_ndcg@20": v["ndcg@20"]}
+               for k, v in m.items()}
+    return DailyConfig(
+        dataset=summary["dataset"], period=period, challengers=challengers,
+        floor=MethodSpec(method="pop", params=m["pop"]["params"]), sml=cfg.sml,
+        loss=cfg.loss, mf=MFConfig(lr=cfg.mf_lr), pretrain_periods=split.pretrain,
+        pretrain_epochs=cfg.pretrain_epochs, pretrain_lr=cfg.pretrain_lr, seed=cfg.seeds[0],
+        selection={"chosen_on": "validation periods, mean NDCG@20 over seeds",
+                   "seeds": list(cfg.seeds), "split": split.model_dump(),
+                   "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "figures": figures})
+
+
+def write_outputs(run: Backtest, summary: dict, out: Path) -> dict[str, Path]:
     """per_period.csv, summary.json and chart.png in ``out``."""
     from smlrec.report import plot_backtest
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "per_period.csv", "summary": out / "summary.json",
              "chart": out / "chart.png"}
-    results.to_csv(paths["csv"], index=False)
-    paths["summary"].write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
-    plot_backtest(results, summary, paths["chart"])
+    run.results.to_csv(paths["csv"], index=False)
+    paths["summary"].write_text(json.dumps(summary, indent=2, sort_keys=False,
+                                           default=_jsonable) + "\n")
+    plot_backtest(run.results, summary, paths["chart"])
     return paths
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(type(x))
 
 
 def format_summary(summary: dict) -> str:
     """A plain-text table of the test-period figures."""
-    head = (f"{'method':<10}{'params':<34}{'NDCG@20':>9}{'Recall@20':>11}{'AUC':>8}"
-            f"{'val NDCG':>10}{'train s (last)':>16}")
-    lines = [f"{summary['dataset']}: test periods, each method at its validation-chosen config",
+    seeds = summary.get("seeds", [0])
+    head = (f"{'method':<10}{'params':<44}{'NDCG@20':>16}{'Recall@20':>16}{'vs floor [95% CI]':>24}"
+            f"{'val NDCG':>10}{'train s':>9}")
+    lines = [f"{summary['dataset']}: test periods, each method at its validation-chosen config "
+             f"(mean ± sd over {len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
              head, "-" * len(head)]
     for m, v in summary["methods"].items():
-        lines.append(f"{m:<10}{json.dumps(v['params'])[:33]:<34}{v['ndcg@20']:>9.4f}"
-                     f"{v['recall@20']:>11.4f}{v['auc']:>8.4f}{v['val_ndcg@20']:>10.4f}"
-                     f"{v['train_seconds_last_period']:>16.3f}")
+        ci = v.get("ci95_vs_pop")
+        vs = (f"{v['ratio_vs_pop']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and
+              math.isfinite(v.get("ratio_vs_pop", math.nan)) else "-")
+        lines.append(f"{m:<10}{json.dumps(v['params'], sort_keys=True)[:43]:<44}"
+                     f"{v['ndcg@20']:>9.4f} ±{v['ndcg@20_sd']:.3f}"
+                     f"{v['recall@20']:>9.4f} ±{v['recall@20_sd']:.3f}{vs:>24}"
+                     f"{v['val_ndcg@20']:>10.4f}{v['train_seconds_last_period']:>9.2f}")
     r = summary.get("ratios") or ratios(summary)
+    if "best_vs_floor" in r:
+        ci = r.get("best_vs_floor_ci95")
+        lines.append(f"best method by validation ({r['best_method']}) / popularity floor: "
+                     f"{r['best_vs_floor']:.3f}" + (f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]"
+                                                    if ci else ""))
     if "ndcg_ratio_vs_best_baseline" in r:
-        lines.append(f"SML NDCG@20 / best baseline ({r['best_baseline']}): "
+        lines.append(f"SML NDCG@20 / best non-SML method by validation ({r['best_baseline']}): "
                      f"{r['ndcg_ratio_vs_best_baseline']:.3f}")
     if "time_ratio_vs_full" in r:
         lines.append(f"SML / Full-retrain training time at the last period: "
                      f"{r['time_ratio_vs_full']:.3f}")
+    periods = summary.get("periods") or []
+    if periods:
+        lines.append("users scored per period: " + ", ".join(
+            f"{p['period']} ({p['phase']}) {p['n_users']}" for p in periods))
     return "\n".join(lines)

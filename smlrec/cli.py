@@ -50,7 +50,7 @@ def backtest(
     = None,
     methods: Annotated[str, typer.Option(
         help="Comma-separated: sml, full (retrain on all history), finetune (new period "
-        "only), window (last n periods), pop (last period's most popular items).")]
+        "only), window (last n periods), pop (popularity over the last n periods, or decayed).")]
     = "sml,full,finetune,window,pop",
     out: Annotated[Path, typer.Option(help="Folder for per_period.csv, summary.json, chart.png.")]
     = Path("runs/backtest"),
@@ -58,20 +58,36 @@ def backtest(
         help="Periods for pretrain,meta,val,test, e.g. 10,12,3,7 (default: 10/12/3/7 of 32, "
         "scaled to the data).")] = None,
     grid: Annotated[Path | None, typer.Option(
-        help="JSON file {method: [params, ...]} replacing the built-in hyper-parameter grids; "
-        "the config with the best validation NDCG@20 is reported.")] = None,
+        help="JSON file mapping each method to a list of parameter sets, e.g. "
+        '{"window": [{"window": 3, "epochs": 20, "lr": 0.003}], "pop": [{"window": 4}]}, '
+        "replacing the built-in grids; each method's set with the best validation NDCG@20 "
+        "(mean over seeds) is reported.")] = None,
+    seeds: Annotated[str, typer.Option(
+        help="Comma-separated seeds; every figure is a mean over them, with its spread.")]
+    = "0,1,2",
+    blends: Annotated[str, typer.Option(
+        help="Blend weights λ scored for every MF config (score + λ·log1p(recent "
+        "popularity)), chosen on validation; '0' turns the blend off.")]
+    = ",".join(str(b) for b in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)),
     pretrain_epochs: Annotated[int, typer.Option(help="Epochs of MF training for W_0.")] = 20,
-    loss: Annotated[str, typer.Option(help="bce (one sampled negative) or bpr.")] = "bce",
-    negatives: Annotated[str, typer.Option(help="uniform or popularity negative sampling.")]
-    = "uniform",
+    pretrain_lr: Annotated[float, typer.Option(help="Adam learning rate for W_0.")] = 3e-3,
+    loss: Annotated[str, typer.Option(
+        help="Default loss: bce (sampled negatives), bpr or softmax (in-batch + sampled "
+        "negatives, logQ-corrected); a grid's `loss` overrides it.")] = "bce",
+    negatives: Annotated[str, typer.Option(
+        help="Default negatives: uniform, popularity or hard.")] = "uniform",
+    write_config: Annotated[Path | None, typer.Option(
+        help="Write the daily run's configuration chosen on validation here (e.g. "
+        "configs/ml-100k.yaml): SML and the best other method as challengers, the "
+        "validated popularity floor.")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")]
     = "auto",
-    seed: Annotated[int, typer.Option(help="Random seed; runs are deterministic on CPU.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Replay the periods in order: pretrain W_0, meta-train, choose hyper-parameters on the
-    validation periods, and report every method on the test periods (each model tested on
-    the period after the one it was trained on)."""
+    validation periods (mean over seeds), and report every method on the test periods (each
+    model tested on the period after the one it was trained on), with bootstrap intervals
+    against the validated popularity floor."""
     from smlrec import backtest as bt
     from smlrec.config import LossConfig
     from smlrec.data import default_data_root
@@ -99,17 +115,35 @@ def backtest(
                                               strict=True)))
     if grid:
         cfg_kw["grids"] = json.loads(grid.read_text())
-    cfg = bt.BacktestConfig(methods=names, pretrain_epochs=pretrain_epochs, seed=seed,
+    try:
+        seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+        blend_list = tuple(float(x) for x in blends.split(",") if x.strip())
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected comma-separated numbers ({exc})") from exc
+    if not seed_list:
+        raise typer.BadParameter("give at least one seed", param_hint="--seeds")
+    cfg = bt.BacktestConfig(methods=names, pretrain_epochs=pretrain_epochs,
+                            pretrain_lr=pretrain_lr, seeds=seed_list, blends=blend_list,
                             loss=LossConfig(loss=loss, negatives=negatives),
                             device=str(pick_device(device)), progress=progress, **cfg_kw)
     frame = read_periods(root)
-    results = bt.run_backtest(frame, cfg, log=typer.echo)
-    chosen = bt.select_configs(results)
-    summary = bt.summarize(results, chosen, dataset)
+    try:
+        run = bt.run_backtest(frame, cfg, log=typer.echo)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--grid") from exc
+    chosen = bt.select_configs(run.results)
+    summary = bt.summarize(run, chosen, dataset)
     summary["ratios"] = bt.ratios(summary)
-    paths = bt.write_outputs(results, summary, out)
+    paths = bt.write_outputs(run, summary, out)
     typer.echo(bt.format_summary(summary))
     typer.echo(f"wrote {paths['csv']}, {paths['summary']}, {paths['chart']}")
+    if write_config:
+        conf = bt.run_config(summary, cfg, run.split, period=str(info.get("period", "")))
+        write_config.parent.mkdir(parents=True, exist_ok=True)
+        write_config.write_text(conf.to_yaml())
+        typer.echo(f"wrote {write_config}: challengers "
+                   f"{', '.join(c.method for c in conf.challengers)}, floor pop "
+                   f"{json.dumps(conf.floor.params)}")
 
 
 def main() -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Config(BaseModel):
@@ -12,18 +12,30 @@ class _Config(BaseModel):
 
 
 class LossConfig(_Config):
-    """How the recommendation loss L0 is computed."""
+    """How the recommendation loss L0 is computed, and which negatives it sees."""
 
-    loss: Literal["bce", "bpr"] = Field(
-        "bce", description="bce: binary cross-entropy with one sampled negative per positive "
-        "(mean over positives + mean over negatives, as the official SML code); bpr: "
-        "Bayesian personalised ranking, -mean log sigmoid(pos - neg).")
-    negatives: Literal["uniform", "popularity"] = Field(
-        "uniform", description="Negative items drawn uniformly, or in proportion to their "
-        "number of positives in the training data.")
+    loss: Literal["bce", "bpr", "softmax"] = Field(
+        "bce", description="bce: binary cross-entropy, mean over positives + mean over the "
+        "sampled negatives (the official SML code's loss); bpr: Bayesian personalised "
+        "ranking, -mean log sigmoid(pos - neg) over each positive's negatives; softmax: "
+        "sampled softmax of each positive against the batch's other positives (in-batch "
+        "negatives) and its sampled negatives, with the logQ correction.")
+    negatives: Literal["uniform", "popularity", "hard"] = Field(
+        "uniform", description="uniform: negatives drawn uniformly; popularity: in proportion "
+        "to their number of positives in the training data; hard: for each negative, "
+        "`hard_pool` uniform candidates are drawn and the one the current model scores "
+        "highest is kept (dynamic negative sampling).")
+    n_negatives: int = Field(
+        1, ge=1, description="Sampled negatives per positive (k). None is ever one of the "
+        "user's positives in the training data (unless the user saw the whole pool).")
+    hard_pool: int = Field(4, ge=2, description="negatives=hard: candidates per negative.")
     negatives_from: Literal["known", "batch_data"] = Field(
         "known", description="known: every item the model knows; batch_data: only items "
         "present in the data being trained on.")
+    temperature: float = Field(1.0, gt=0, description="softmax: logits are divided by this.")
+    logq: bool = Field(True, description="softmax: subtract log Q(item), the log of each "
+                       "candidate's expected count under its sampling distribution, so "
+                       "popular in-batch items are not over-penalised (Yi et al., 2019).")
 
 
 class MFConfig(_Config):
@@ -53,8 +65,103 @@ class SMLConfig(_Config):
         "random", description="random: PyTorch's default initialisation of Θ (the paper); "
         "identity: before meta-training, fit Θ so that f_Θ(a, b) ≈ b on rows of W_0, so the "
         "transfer starts as plain fine-tuning and meta-learning improves on it.")
+    transfer: Literal["official", "residual", "gated"] = Field(
+        "official", description="The form of f_Θ. official: the paper's CNN, whose output "
+        "is the new row (no residual); residual: Ŵ_t + CNN(·), the CNN's last layer starting "
+        "at zero, so the transfer starts as fine-tuning; gated: g ⊙ W_{t-1} + (1 - g) ⊙ Ŵ_t "
+        "+ CNN(·), with a per-dimension gate g read from the same 3 x d grid.")
+    hidden: int = Field(512, ge=4, description="Width of the transfer's hidden layer "
+                        "(the paper: 512).")
+    meta_passes: int = Field(
+        1, ge=1, description="Passes over the meta-training periods: after each pass but the "
+        "last, the chain restarts from W_0 keeping Θ and its optimiser state.")
     schedule: Literal["per_period", "official"] = Field(
         "per_period", description="per_period: outer_steps x (step 2 on D_t with W_{t-2}, "
         "Ŵ_{t-1}; step 1 for Ŵ_t). official: the official code's order, per period: "
         "outer_steps x (step 2 on D_t; step 1 re-learns Ŵ_{t-1} on D_{t-1}), then W_{t-1} = "
-        "f_Θ(W_{t-2}, Ŵ_{t-1}) with the updated Θ, then one round of step 1 for Ŵ_t.")
+        "f_Θ(W_{t-2}, Ŵ_{t-1}) with the updated Θ, then one round of step 1 for Ŵ_t. The "
+        "daily pipeline runs per_period.")
+
+
+class MethodSpec(_Config):
+    """One strategy and its parameters, as in a backtest grid (see
+    ``smlrec.strategies.PARAMS`` for what each method takes)."""
+
+    method: Literal["sml", "full", "finetune", "window", "pop"] = Field(
+        description="sml, full (all history), finetune (new period only), window (last n "
+        "periods) or pop (popularity).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Flat parameters, e.g. "
+                                   "{window: 3, epochs: 20, lr: 0.003, blend: 4}.")
+
+
+class DailyConfig(_Config):
+    """What the daily run trains and how it decides: one file per dataset
+    (``configs/<dataset>.yaml``), written by the backtest's selection on validation periods
+    (``smlrec backtest --write-config``) and read by the bootstrap and daily pipelines.
+
+    The challengers are retrained every period; the gate scores each of them, the incumbent
+    and the popularity floor on the next period and promotes the best challenger that beats
+    the floor and is within ``tolerance`` of the incumbent.
+    """
+
+    dataset: str = Field("", description="The dataset the configuration was chosen on.")
+    period: str = Field("", description="Its period length (7D, 1D...), for reference.")
+    challengers: list[MethodSpec] = Field(
+        default_factory=lambda: [MethodSpec(method="sml")],
+        description="The strategies trained each period; exactly one is sml.")
+    floor: MethodSpec = Field(
+        default_factory=lambda: MethodSpec(method="pop", params={"window": 1}),
+        description="The popularity variant every challenger must beat at the gate.")
+    sml: SMLConfig = Field(default_factory=SMLConfig, description="SML defaults (the sml "
+                           "challenger's params override them).")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Loss defaults.")
+    mf: MFConfig = Field(default_factory=MFConfig, description="MF retraining defaults.")
+    tolerance: float = Field(0.05, ge=0, lt=1, description="Gate: a challenger may be this "
+                             "much (relative) below the incumbent's NDCG@20 and still promote.")
+    pretrain_periods: int = Field(10, ge=1, description="Bootstrap: periods W_0 trains on.")
+    pretrain_epochs: int = Field(20, ge=1, description="Bootstrap: MF epochs for W_0.")
+    pretrain_lr: float = Field(1e-2, gt=0, description="Bootstrap: Adam learning rate for W_0.")
+    seed: int = 0
+    device: str = "cpu"
+    selection: dict[str, Any] = Field(
+        default_factory=dict, description="Provenance, for people: what the backtest measured "
+        "when it chose this configuration (not read by the pipeline).")
+
+    @model_validator(mode="after")
+    def _one_sml(self) -> DailyConfig:
+        methods = [c.method for c in self.challengers]
+        if methods.count("sml") != 1:
+            raise ValueError(f"challengers must hold exactly one sml strategy, got {methods}")
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"each challenger method may appear once, got {methods}")
+        if "pop" in methods:
+            raise ValueError("pop is the floor, not a challenger")
+        if self.floor.method != "pop":
+            raise ValueError(f"the floor must be a pop variant, got {self.floor.method}")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        """Challenger names (their method names), SML first."""
+        return sorted((c.method for c in self.challengers), key=lambda m: m != "sml")
+
+    def challenger(self, name: str) -> MethodSpec:
+        return next(c for c in self.challengers if c.method == name)
+
+    @classmethod
+    def load(cls, path: str, **override: Any) -> DailyConfig:
+        """Read a YAML (or JSON) configuration file; ``override`` replaces fields."""
+        import fsspec
+        import yaml
+
+        with fsspec.open(path, "rt") as fh:
+            doc = yaml.safe_load(fh) or {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: expected a mapping of settings, got {type(doc).__name__}")
+        return cls(**{**doc, **override})
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        doc = self.model_dump(mode="json", exclude={"device"})
+        return yaml.safe_dump(doc, sort_keys=False, width=100)

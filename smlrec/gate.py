@@ -1,9 +1,11 @@
-"""The canary gate: "test on the next period" decides whether a candidate is promoted.
+"""The canary gate: "test on the next period" decides which challenger, if any, is promoted.
 
-Yesterday's candidate W_{t-1}, the incumbent (production) model and a popularity baseline
-are all evaluated on the new period's data D_t. The candidate is accepted when every
-number is finite, it is not worse than the incumbent by more than ``tolerance`` (relative)
-on the primary metric, and it beats popularity. With no incumbent it must beat popularity.
+Yesterday's challengers (SML and the other strategies the run configuration trains), the
+incumbent (production) model and the popularity floor are all evaluated on the new
+period's data D_t. A challenger is eligible when every number is finite, it beats the floor
+and it is not worse than the incumbent by more than ``tolerance`` (relative) on the primary
+metric; the eligible challenger with the best primary metric is promoted. With no incumbent
+a challenger must only beat the floor. When none is eligible, the incumbent keeps serving.
 """
 
 from __future__ import annotations
@@ -17,20 +19,32 @@ CHECKED = ("ndcg@20", "recall@20")
 
 @dataclass
 class GateDecision:
-    """What the gate decided and why (JSON-able via ``to_dict``)."""
+    """What the gate decided and why (JSON-able via ``to_dict``).
+
+    ``strategy`` is the promoted challenger (None on reject); ``best`` the challenger with
+    the best primary metric, promoted or not.
+    """
 
     accept: bool
     reasons: list[str]
-    candidate: dict[str, float]
+    challengers: dict[str, dict[str, float]]
     incumbent: dict[str, float] | None
     popularity: dict[str, float]
     tolerance: float
+    strategy: str | None = None
+    best: str | None = None
     metric: str = PRIMARY
     extra: dict = field(default_factory=dict)
 
     @property
     def decision(self) -> str:
         return "promote" if self.accept else "reject"
+
+    @property
+    def candidate(self) -> dict[str, float] | None:
+        """The scores of the promoted challenger (of the best one on reject)."""
+        name = self.strategy or self.best
+        return self.challengers.get(name) if name else None
 
     def to_dict(self) -> dict:
         return {**asdict(self), "decision": self.decision}
@@ -41,33 +55,47 @@ def _finite(values: dict[str, float] | None) -> bool:
         isinstance(values.get(k), int | float) and math.isfinite(values[k]) for k in CHECKED)
 
 
-def decide(candidate: dict[str, float], incumbent: dict[str, float] | None,
+def decide(challengers: dict[str, dict[str, float]], incumbent: dict[str, float] | None,
            popularity: dict[str, float], tolerance: float = 0.05,
            metric: str = PRIMARY) -> GateDecision:
-    """Apply the promotion rule. ``tolerance`` is relative: 0.05 allows 5% below the incumbent."""
+    """Apply the promotion rule to every challenger and pick the best eligible one.
+    ``tolerance`` is relative: 0.05 allows 5% below the incumbent."""
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
-    reasons = []
-    if not _finite(candidate):
-        reasons.append(f"candidate metrics are not all finite: {candidate}")
+    if not challengers:
+        raise ValueError("the gate needs at least one challenger")
+    reasons, problems = [], []
     if not _finite(popularity):
-        reasons.append(f"popularity metrics are not all finite: {popularity}")
+        problems.append(f"popularity metrics are not all finite: {popularity}")
     if incumbent is not None and not _finite(incumbent):
-        reasons.append(f"incumbent metrics are not all finite: {incumbent}")
-    if not reasons:
-        c, p = candidate[metric], popularity[metric]
+        problems.append(f"incumbent metrics are not all finite: {incumbent}")
+    eligible = {}
+    finite = {n: s for n, s in challengers.items() if _finite(s)}
+    for name, scores in challengers.items():
+        if name not in finite:
+            reasons.append(f"{name}: metrics are not all finite: {scores}")
+            continue
+        if problems:
+            continue
+        c, p = scores[metric], popularity[metric]
+        why = []
         if c <= p:
-            reasons.append(f"candidate {metric} {c:.4f} does not beat popularity {p:.4f}")
+            why.append(f"{metric} {c:.4f} does not beat popularity {p:.4f}")
         if incumbent is not None:
             floor = incumbent[metric] * (1 - tolerance)
             if c < floor:
-                reasons.append(f"candidate {metric} {c:.4f} is below the incumbent's "
-                               f"{incumbent[metric]:.4f} minus {tolerance:.0%} ({floor:.4f})")
-    accept = not reasons
-    if accept:
-        reasons.append(f"candidate {metric} {candidate[metric]:.4f} beats popularity "
-                       f"{popularity[metric]:.4f}" + (
-                           "" if incumbent is None else
-                           f" and is within {tolerance:.0%} of the incumbent "
-                           f"{incumbent[metric]:.4f}"))
-    return GateDecision(accept, reasons, candidate, incumbent, popularity, tolerance, metric)
+                why.append(f"{metric} {c:.4f} is below the incumbent's {incumbent[metric]:.4f} "
+                           f"minus {tolerance:.0%} ({floor:.4f})")
+        if why:
+            reasons.append(f"{name}: " + "; ".join(why))
+        else:
+            eligible[name] = c
+            reasons.append(f"{name}: {metric} {c:.4f} beats popularity {p:.4f}" + (
+                "" if incumbent is None else
+                f" and is within {tolerance:.0%} of the incumbent {incumbent[metric]:.4f}"))
+    best = max(finite, key=lambda n: finite[n][metric]) if finite else None
+    chosen = max(eligible, key=eligible.get) if eligible else None
+    head = ([f"promote {chosen}: the best eligible challenger"] if chosen else
+            ["reject: no challenger is eligible; the incumbent keeps serving"])
+    return GateDecision(chosen is not None, head + problems + reasons, dict(challengers),
+                        incumbent, popularity, tolerance, chosen, best, metric)

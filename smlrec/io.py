@@ -103,7 +103,13 @@ def save_bundle(url: str, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     incomplete and is never loaded.
     """
     base = str(url).rstrip("/")
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    cpu, seen = {}, set()
+    for k, v in tensors.items():
+        t = v.detach().to("cpu").contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in seen:
+            t = t.clone()  # safetensors refuses shared storage (e.g. a served table = W)
+        seen.add(t.untyped_storage().data_ptr())
+        cpu[k] = t
     files = {"weights.safetensors": st_save(cpu),
              "metadata.json": (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()}
     files.update(extra_files or {})

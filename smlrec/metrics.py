@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,7 +115,8 @@ def full_ranking(
     ks: Sequence[int] = (5, 10, 20),
     batch_size: int = 1024,
     candidate_mask: torch.Tensor | None = None,
-) -> dict[str, float]:
+    per_user: bool = False,
+) -> dict[str, Any]:
     """Rank all candidate items for every test user; Recall/NDCG/Precision/Hit at each K.
 
     Inputs:
@@ -142,6 +144,10 @@ def full_ranking(
 
     ``scorer`` is called on CPU LongTensors of at most ``batch_size`` user indices; the
     masking, ``topk`` and sums run on the device of the scores it returns.
+
+    With ``per_user``, the result also has ``"per_user"``: numpy arrays ``user`` (the test
+    users, sorted), ``n_relevant`` (``|R_u|``) and one array per metric (``"ndcg@20"``...),
+    aligned, for paired comparisons such as :func:`paired_bootstrap`.
     """
     ks = _check_ks(ks)
     if batch_size < 1:
@@ -159,13 +165,17 @@ def full_ranking(
 
     names = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "precision", "hit")]
     if len(users) == 0:
-        return {**dict.fromkeys(names, math.nan), "n_users": 0, "n_interactions": 0}
+        out = {**dict.fromkeys(names, math.nan), "n_users": 0, "n_interactions": 0}
+        if per_user:
+            out["per_user"] = {"user": users, "n_relevant": n_rel,
+                               **{n: np.zeros(0) for n in names}}
+        return out
 
     top = min(max(ks), n_items)
     disc = 1.0 / torch.log2(torch.arange(top, dtype=torch.float64) + 2)
     idcg = disc.cumsum(0)
     not_cand = None if cand.all() else torch.from_numpy(~cand)
-    sums, n_nan = [], []
+    sums, n_nan, rows_out = [], [], []
     for start in range(0, len(users), batch_size):
         stop = min(start + batch_size, len(users))
         b = stop - start
@@ -199,14 +209,71 @@ def full_ranking(
             ideal = idcg.to(dev)[torch.clamp(rel, max=min(k, top)) - 1]
             per_k += [n_hit[:, c] / rel, dcg[:, c] / ideal, n_hit[:, c] / k, n_hit[:, c] > 0]
         sums.append(torch.stack([x.to(torch.float64).sum() for x in per_k]))
+        if per_user:
+            rows_out.append(torch.stack([x.to(torch.float64) for x in per_k], 1).cpu())
 
     _raise_on_nan(n_nan, "scorer")
     means = (torch.stack(sums).sum(0) / len(users)).tolist()
-    return {
+    out = {
         **dict(zip(names, means, strict=True)),
         "n_users": len(users),
         "n_interactions": len(keys),
     }
+    if per_user:
+        table = torch.cat(rows_out).numpy()
+        out["per_user"] = {"user": users, "n_relevant": n_rel,
+                           **{n: table[:, j] for j, n in enumerate(names)}}
+    return out
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def paired_bootstrap(a: Sequence[np.ndarray], b: Sequence[np.ndarray],
+                     weights: Sequence[float] | None = None, n_boot: int = 2000,
+                     seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """A paired, stratified bootstrap interval for ``mean(a) / mean(b)``.
+
+    ``a[s]`` and ``b[s]`` are per-unit values (e.g. each test user's NDCG@20 under a model
+    and under the popularity floor) of stratum ``s`` (a test period), aligned unit by
+    unit. The statistic is the weighted mean over strata of the per-stratum means,
+    ``Σ_s w_s mean(x_s) / Σ_s w_s`` (weights ``w_s``: e.g. the period's test interactions,
+    as the backtest averages; default equal), for ``a`` over the same for ``b``. Each
+    replicate resamples the units of every stratum with replacement, the same units for
+    ``a`` and ``b`` (paired). Returns ``ratio`` (on the data), ``low`` and ``high`` (the
+    percentile interval at ``level``), ``diff`` (weighted mean of a - b) and
+    ``p_not_better`` (the share of replicates with ratio <= 1).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} strata in a, {len(b)} in b")
+    w = np.ones(len(a)) if weights is None else np.asarray(weights, dtype=float)
+    strata = [(np.asarray(x, float), np.asarray(y, float), ws)
+              for x, y, ws in zip(a, b, w, strict=True) if len(x)]
+    for x, y, _ in strata:
+        if x.shape != y.shape:
+            raise ValueError(f"paired values differ in length: {len(x)} vs {len(y)}")
+    if not strata:
+        return {"ratio": math.nan, "low": math.nan, "high": math.nan, "diff": math.nan,
+                "p_not_better": math.nan, "n_units": 0}
+    total = sum(ws for _, _, ws in strata)
+    rng = np.random.default_rng(seed)
+    num = np.zeros(n_boot)
+    den = np.zeros(n_boot)
+    for x, y, ws in strata:
+        idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+        num += ws * x[idx].mean(1)
+        den += ws * y[idx].mean(1)
+    ma = sum(ws * x.mean() for x, _, ws in strata) / total
+    mb = sum(ws * y.mean() for _, y, ws in strata) / total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = num / den
+    alpha = (1 - level) / 2
+    low, high = np.nanquantile(ratios, [alpha, 1 - alpha]) if np.isfinite(ratios).any() else (
+        math.nan, math.nan)
+    return {"ratio": float(ma / mb) if mb else math.nan, "low": float(low),
+            "high": float(high), "diff": float(ma - mb),
+            "p_not_better": float(np.mean(~(ratios > 1))),
+            "n_units": int(sum(len(x) for x, _, _ in strata))}
 
 
 # --------------------------------------------------------------------------- sampled ranking

@@ -8,10 +8,12 @@ of W_t. Users and items have separate transfer networks of the same shape.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 DIM = 64
 # New rows (ids first seen in this period) start as N(0, NEW_ROW_STD^2): small and random,
@@ -67,6 +69,19 @@ class MFWeights:
         """Scores of aligned (user, item) pairs."""
         return (self.user[users] * self.item[items]).sum(-1)
 
+    def with_prior(self, prior: Tensor | None, weight: float) -> MFWeights:
+        """The blend as one more column: ``U' = [U, 1]``, ``V' = [V, weight·log1p(prior)]``,
+        so that ``<U'_u, V'_i> = <U_u, V_i> + weight·log1p(prior_i)`` and serving stays one
+        dot product. ``prior`` is a count per item (e.g. recent popularity); rows beyond its
+        length get 0. ``weight == 0`` (or no prior) returns the weights unchanged."""
+        if not weight or prior is None:
+            return self
+        col = torch.zeros(self.n_items, dtype=self.item.dtype, device=self.item.device)
+        n = min(len(prior), self.n_items)
+        col[:n] = weight * torch.log1p(prior[:n].to(col.device, col.dtype).clamp_min(0))
+        ones = torch.ones(self.n_users, 1, dtype=self.user.dtype, device=self.user.device)
+        return MFWeights(torch.cat([self.user, ones], 1), torch.cat([self.item, col[:, None]], 1))
+
 
 def _grow(table: Tensor, n: int, generator: torch.Generator | None, std: float) -> Tensor:
     extra = n - table.shape[0]
@@ -89,34 +104,78 @@ class TransferNet(nn.Module):
     1. stack a, b and (a ⊙ stopgrad(b)) / ||a||₂ into an (N, 1, 3, d) grid;
     2. Conv2d(1 → 10, kernel 3 × 1), GELU: per-dimension mixing of old, new and product;
     3. Conv2d(10 → 5, kernel 1 × 1), flatten to 5·d, GELU;
-    4. Linear(5·d → 512), GELU, Linear(512 → d). No residual connection.
+    4. Linear(5·d → hidden), GELU, Linear(hidden → d).
+
+    ``kind`` picks what is returned (see ``SMLConfig.transfer``): ``official`` returns step
+    4's output (no residual, as in the paper); ``residual`` returns b + step 4, with the last
+    layer starting at zero (the transfer starts as fine-tuning); ``gated`` returns
+    g ⊙ a + (1 - g) ⊙ b + step 4, g = sigmoid(Conv2d(10 → 1, 1 × 1) of step 2's features),
+    one gate per dimension, starting near 0.27 (mostly the new row).
+
+    Parameters are initialised as PyTorch does by default, but from ``generator`` when one
+    is given, so building Θ never draws from the global random stream.
     """
 
-    def __init__(self, dim: int = DIM, hidden: int = 512):
+    GATE_BIAS = -1.0  # sigmoid(-1) ≈ 0.27: at first, a gated row is mostly the new row
+
+    def __init__(self, dim: int = DIM, hidden: int = 512, kind: str = "official",
+                 generator: torch.Generator | None = None):
         super().__init__()
-        self.dim = dim
-        self.conv1 = nn.Conv2d(1, 10, kernel_size=(3, 1))
-        self.conv2 = nn.Conv2d(10, 5, kernel_size=(1, 1))
-        self.fc1 = nn.Linear(5 * dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        if kind not in ("official", "residual", "gated"):
+            raise ValueError(f"unknown transfer {kind!r}: official, residual or gated")
+        self.dim, self.kind = dim, kind
+        # skip_init: the layers' own initialisation would draw from the global stream.
+        self.conv1 = skip_init(nn.Conv2d, 1, 10, kernel_size=(3, 1))
+        self.conv2 = skip_init(nn.Conv2d, 10, 5, kernel_size=(1, 1))
+        self.fc1 = skip_init(nn.Linear, 5 * dim, hidden)
+        self.fc2 = skip_init(nn.Linear, hidden, dim)
+        self.gate = skip_init(nn.Conv2d, 10, 1, kernel_size=(1, 1)) if kind == "gated" else None
+        reset_parameters(self, generator)
+        if kind != "official":
+            with torch.no_grad():
+                self.fc2.weight.zero_()
+                self.fc2.bias.zero_()
+        if self.gate is not None:
+            with torch.no_grad():
+                self.gate.weight.zero_()
+                self.gate.bias.fill_(self.GATE_BIAS)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         norm = a.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
         com = a * b.detach() / norm
         x = torch.stack([a, b, com], dim=1).unsqueeze(1)  # (N, 1, 3, d)
-        x = gelu_sigmoid(self.conv1(x))                   # (N, 10, 1, d)
-        x = self.conv2(x).flatten(1)                      # (N, 5·d)
+        h = gelu_sigmoid(self.conv1(x))                   # (N, 10, 1, d)
+        x = self.conv2(h).flatten(1)                      # (N, 5·d)
         x = gelu_sigmoid(x)
-        return self.fc2(gelu_sigmoid(self.fc1(x)))
+        out = self.fc2(gelu_sigmoid(self.fc1(x)))
+        if self.kind == "residual":
+            return b + out
+        if self.kind == "gated":
+            g = torch.sigmoid(self.gate(h).flatten(1))    # (N, d)
+            return g * a + (1 - g) * b + out
+        return out
+
+
+def reset_parameters(module: nn.Module, generator: torch.Generator | None) -> None:
+    """PyTorch's default initialisation of every Linear and Conv layer (Kaiming-uniform
+    weights with a = sqrt(5), uniform biases in ±1/sqrt(fan_in)), drawn from ``generator``."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+            if m.bias is not None:
+                fan_in = m.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                nn.init.uniform_(m.bias, -bound, bound, generator=generator)
 
 
 class Transfer(nn.Module):
     """Θ: separate transfer networks for user rows and item rows."""
 
-    def __init__(self, dim: int = DIM):
+    def __init__(self, dim: int = DIM, hidden: int = 512, kind: str = "official",
+                 generator: torch.Generator | None = None):
         super().__init__()
-        self.user = TransferNet(dim)
-        self.item = TransferNet(dim)
+        self.user = TransferNet(dim, hidden, kind, generator)
+        self.item = TransferNet(dim, hidden, kind, generator)
 
     @torch.no_grad()
     def apply_all(self, old: MFWeights, new: MFWeights, chunk: int = 65536) -> MFWeights:

@@ -46,6 +46,22 @@ from smlrec.vocab import Vocab
 
 PERIOD_ID = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 POINTERS = ("production", "candidate")
+CONFIG_FILE = "config.yaml"
+STRATEGY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def served_keys(metadata: dict[str, Any], strategy: str | None) -> tuple[str, str]:
+    """The tensors of a bundle that a strategy serves: ``serve.<strategy>.user`` / ``.item``
+    in a period bundle of the daily run (it holds every challenger), ``w.user`` / ``w.item``
+    in a bundle with a single model."""
+    if metadata.get("challengers"):
+        names = list(metadata["challengers"])
+        name = strategy or names[0]
+        if name not in names or not STRATEGY.match(name):
+            raise SmlrecError(f"the bundle holds no strategy {name!r} (it holds "
+                              f"{', '.join(names)})")
+        return f"serve.{name}.user", f"serve.{name}.item"
+    return "w.user", "w.item"
 
 
 class StateLockedError(SmlrecError):
@@ -115,8 +131,26 @@ class StateStore:
 
     def get_pointer(self, name: str) -> str | None:
         """The period a pointer names, or None when it was never set."""
+        return self.pointer_info(name).get("period")
+
+    def pointer_info(self, name: str) -> dict[str, Any]:
+        """The whole pointer record ({} when it was never set): ``period``, when it was
+        updated and, for production, the ``strategy`` (challenger) that serves."""
         try:
-            return read_json(f"{self.uri}/pointers/{name}.json")["period"]
+            return dict(read_json(f"{self.uri}/pointers/{name}.json"))
+        except FileNotFoundError:
+            return {}
+
+    # ---------------------------------------------------------------- run configuration
+
+    def save_config(self, text: str) -> None:
+        """Keep the run configuration (YAML) the store was bootstrapped with."""
+        write_bytes_atomic(f"{self.uri}/{CONFIG_FILE}", text.encode())
+
+    def config_text(self) -> str | None:
+        """The run configuration's YAML, or None for a store made without one."""
+        try:
+            return read_bytes(f"{self.uri}/{CONFIG_FILE}").decode()
         except FileNotFoundError:
             return None
 
@@ -142,9 +176,13 @@ class StateStore:
 
     def promotion_scores(self, period_id: str) -> dict[str, Any]:
         """The gate scores of the last decision that promoted ``period_id`` ({} if none)."""
+        return dict(self.promotion(period_id).get("scores") or {})
+
+    def promotion(self, period_id: str) -> dict[str, Any]:
+        """The last decision that promoted ``period_id`` ({} if none)."""
         promoted = [d for d in self.decisions()
                     if d.get("candidate") == period_id and d.get("decision") == "promote"]
-        return dict(promoted[-1].get("scores") or {}) if promoted else {}
+        return dict(promoted[-1]) if promoted else {}
 
     # ---------------------------------------------------------------- checks
 

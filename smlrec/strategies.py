@@ -8,11 +8,13 @@ Tables grow to ``n_users`` / ``n_items`` rows as new ids arrive (see ``smlrec.vo
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from torch import Tensor
 
 from smlrec.config import LossConfig, MFConfig, SMLConfig
@@ -40,31 +42,88 @@ def concat(periods: list[PeriodData]) -> tuple[np.ndarray, np.ndarray]:
             np.concatenate([p.items for p in periods]))
 
 
+def popularity_counts(history: list[PeriodData], n_items: int, window: int | None = 1,
+                      half_life: float | None = None) -> Tensor:
+    """Interactions per item row over the last ``window`` periods of ``history``, each period
+    weighted ``0.5 ** (age / half_life)`` (age 0 = the newest) when ``half_life`` is given.
+    With a half-life and no window, periods older than ten half-lives (weight < 0.001) are
+    left out."""
+    window = popularity_window(window, half_life)
+    counts = np.zeros(n_items, dtype=np.float64)
+    for age, d in enumerate(reversed(history[-window:])):
+        weight = 1.0 if half_life is None else 0.5 ** (age / half_life)
+        counts += weight * np.bincount(d.items, minlength=n_items)[:n_items]
+    return torch.from_numpy(counts.astype(np.float32))
+
+
+def popularity_window(window: int | None, half_life: float | None) -> int:
+    """The periods a popularity count reads (see :func:`popularity_counts`)."""
+    if window is not None:
+        return int(window)
+    if half_life is None:
+        raise ValueError("popularity needs a window or a half-life")
+    return int(math.ceil(10 * half_life))
+
+
 class Strategy(ABC):
-    """A way of retraining a recommender each period."""
+    """A way of retraining a recommender each period.
+
+    Any MF strategy can serve the blend ``score = <U_u, V_i> + blend·log1p(pop_i)``, with
+    ``pop`` the item counts over the last ``blend_window`` periods (or decayed with
+    ``blend_half_life``), refreshed after every period; ``weights()`` returns it as one
+    more column (:meth:`MFWeights.with_prior`) and ``weights(b)`` any other weight ``b``.
+    All randomness comes from generators seeded by ``seed`` and the strategy's own step
+    counter, never from the global stream, so strategies run side by side do not shift
+    each other's numbers.
+    """
 
     name: str = ""
 
     def __init__(self, loss: LossConfig | None = None, seed: int = 0,
-                 device: torch.device | str = "cpu", progress: bool = False):
+                 device: torch.device | str = "cpu", progress: bool = False,
+                 blend: float = 0.0, blend_window: int | None = 4,
+                 blend_half_life: float | None = None):
         self.loss = loss or LossConfig()
         self.seed = seed
         self.device = torch.device(device)
         self.progress = progress
+        self.blend = float(blend)
+        self.blend_window = blend_window
+        self.blend_half_life = blend_half_life
         self.w: MFWeights | None = None
+        self.prior: Tensor | None = None
         self._step = 0
 
     def start(self, w0: MFWeights) -> None:
         """Begin from the pretrained model W_0."""
         self.w = w0.to(self.device)
 
-    @abstractmethod
     def update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
-        """Retrain after period ``history[-1]`` closed. Returns training figures (losses)."""
+        """Retrain after period ``history[-1]`` closed (``history`` holds at least the last
+        :meth:`periods_needed` periods). Returns training figures (losses)."""
+        out = self._update(history, n_users, n_items)
+        self.refresh_prior(history, n_items)
+        return out
 
-    def weights(self) -> MFWeights | None:
-        """The MF model that serves the next period (None for non-MF strategies)."""
-        return self.w
+    @abstractmethod
+    def _update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
+        """The retraining itself."""
+
+    def refresh_prior(self, history: list[PeriodData], n_items: int) -> None:
+        """Recompute the blend's item counts from the newest periods."""
+        self.prior = popularity_counts(history, n_items, self.blend_window,
+                                       self.blend_half_life).to(self.device)
+
+    def periods_needed(self) -> int | None:
+        """How many of the newest periods ``update`` reads (None: all of them)."""
+        return popularity_window(self.blend_window, self.blend_half_life)
+
+    def weights(self, blend: float | None = None) -> MFWeights | None:
+        """The MF model that serves the next period, with the blend column when its weight
+        (``blend``, default the strategy's own) is not 0. None for non-MF strategies."""
+        if self.w is None:
+            return None
+        return self.w.with_prior(self.prior, self.blend if blend is None else blend)
 
     def item_prior(self) -> Tensor | None:
         """A user-independent item score vector, for strategies that have one."""
@@ -78,6 +137,23 @@ class Strategy(ABC):
         self._step += 1
         return self.seed * 100_003 + self._step
 
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self._next_seed())
+
+    def state(self) -> tuple[dict[str, Tensor], dict]:
+        """Everything carried to the next period, as tensors plus JSON-able metadata."""
+        tensors = {"w.user": self.w.user, "w.item": self.w.item}
+        if self.prior is not None:
+            tensors["prior"] = self.prior
+        return tensors, {"strategy": self.name, "step": self._step}
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Restore what ``state`` returned (on this strategy's device)."""
+        t = {k: v.to(self.device) for k, v in tensors.items()}
+        self.w = MFWeights(t["w.user"], t["w.item"])
+        self.prior = t.get("prior")
+        self._step = int(meta["step"])
+
 
 class _MFRetrain(Strategy):
     """Retrain the MF model, warm-started from the current one, on some periods."""
@@ -90,9 +166,9 @@ class _MFRetrain(Strategy):
     def training_periods(self, history: list[PeriodData]) -> list[PeriodData]:
         """The periods this strategy trains on after ``history[-1]`` closed."""
 
-    def update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
+    def _update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
         users, items = concat(self.training_periods(history))
-        w = self.w.grow(n_users, n_items)
+        w = self.w.grow(n_users, n_items, self._generator())
         self.w, losses = train_mf(w, users, items, self.mf, self.loss, self._next_seed(),
                                   self.device, self.progress, desc=self.name)
         return {"loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
@@ -109,6 +185,9 @@ class FullRetrain(_MFRetrain):
 
     def training_periods(self, history: list[PeriodData]) -> list[PeriodData]:
         return history
+
+    def periods_needed(self) -> int | None:
+        return None
 
 
 class FineTune(_MFRetrain):
@@ -132,32 +211,54 @@ class SlidingWindow(_MFRetrain):
     def training_periods(self, history: list[PeriodData]) -> list[PeriodData]:
         return history[-self.window:]
 
+    def periods_needed(self) -> int | None:
+        return max(self.window, super().periods_needed())
+
     def describe(self) -> dict:
         return {**super().describe(), "window": self.window}
 
 
 class Popularity(Strategy):
-    """The most popular items of the last period, for everyone: the floor to beat."""
+    """The most popular items for everyone: the floor to beat. Counts over the last
+    ``window`` periods (1: last period's most popular, the classic floor), or decayed with
+    a ``half_life`` in periods (see :func:`popularity_counts`)."""
 
     name = "pop"
 
-    def __init__(self, **kw):
+    def __init__(self, window: int | None = 1, half_life: float | None = None, **kw):
         super().__init__(**kw)
-        self.prior: Tensor | None = None
+        self.window = window if window is not None or half_life is not None else 1
+        self.half_life = half_life
 
     def start(self, w0: MFWeights) -> None:
         self.w = None
 
-    def update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
-        counts = np.bincount(history[-1].items, minlength=n_items).astype(np.float32)
-        self.prior = torch.from_numpy(counts).to(self.device)
+    def _update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
         return {}
 
-    def weights(self) -> MFWeights | None:
+    def refresh_prior(self, history: list[PeriodData], n_items: int) -> None:
+        self.prior = popularity_counts(history, n_items, self.window,
+                                       self.half_life).to(self.device)
+
+    def periods_needed(self) -> int | None:
+        return popularity_window(self.window, self.half_life)
+
+    def weights(self, blend: float | None = None) -> MFWeights | None:
         return None
 
     def item_prior(self) -> Tensor | None:
         return self.prior
+
+    def describe(self) -> dict:
+        return {"window": self.window, "half_life": self.half_life}
+
+    def state(self) -> tuple[dict[str, Tensor], dict]:
+        return ({} if self.prior is None else {"prior": self.prior},
+                {"strategy": self.name, "step": self._step})
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        self.prior = tensors.get("prior")
+        self._step = int(meta["step"])
 
 
 class SML(Strategy):
@@ -193,18 +294,28 @@ class SML(Strategy):
 
     def start(self, w0: MFWeights) -> None:
         super().start(w0)
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-        self.theta = Transfer(w0.dim).to(self.device)
-        torch.random.set_rng_state(gen_state)
+        self.theta = self._new_theta(w0.dim, torch.Generator().manual_seed(self.seed))
         if self.cfg.theta_init == "identity":
             fit_identity(self.theta, self.w, seed=self.seed)
         self.opt = theta_optimizer(self.theta, self.cfg)
+        self.rewind(w0)
+
+    def _new_theta(self, dim: int, generator: torch.Generator | None = None) -> Transfer:
+        return Transfer(dim, self.cfg.hidden, self.cfg.transfer, generator).to(self.device)
+
+    def rewind(self, w0: MFWeights) -> None:
+        """Restart the chain from W_0, keeping Θ and its optimiser state (one more pass over
+        the meta-training periods starts here)."""
+        self.w = w0.to(self.device).clone()
         # Before the first period there is no Ŵ: the transfer first learns from W_0 itself.
         self.w_prev = self.w.clone()
         self.w_hat_prev = self.w.clone()
+        self.periods_seen = 0
 
-    def update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
+    def periods_needed(self) -> int | None:
+        return max(2 if self.cfg.schedule == "official" else 1, super().periods_needed())
+
+    def _update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
         self.begin_period(history[-1], n_users, n_items)
         if self.cfg.schedule == "official":
             self._official_rounds(history[-2] if len(history) > 1 else None)
@@ -222,7 +333,7 @@ class SML(Strategy):
         self._d = d
         # Step 2 learns from rows that existed at t-1 (new ids have no Ŵ_{t-1} to judge).
         self._old_rows = (d.users < known_users) & (d.items < known_items)
-        gen = torch.Generator().manual_seed(self._next_seed())
+        gen = self._generator()
         self.w = self.w.grow(n_users, n_items, gen)
         self.w_prev = self.w_prev.grow(n_users, n_items, gen)
         self.w_hat_prev = self.w_hat_prev.grow(n_users, n_items, gen)
@@ -279,11 +390,12 @@ class SML(Strategy):
         return w_hat
 
     def describe(self) -> dict:
-        return {"outer_steps": self.cfg.outer_steps, "schedule": self.cfg.schedule}
+        return {"outer_steps": self.cfg.outer_steps, "schedule": self.cfg.schedule,
+                "transfer": self.cfg.transfer}
 
     def state(self) -> tuple[dict[str, Tensor], dict]:
         """Everything carried to the next period, as tensors plus JSON-able metadata."""
-        tensors = {}
+        tensors = {} if self.prior is None else {"prior": self.prior}
         for key, w in (("w", self.w), ("w_prev", self.w_prev), ("w_hat_prev", self.w_hat_prev)):
             tensors[f"{key}.user"], tensors[f"{key}.item"] = w.user, w.item
         tensors.update({f"theta.{k}": v for k, v in self.theta.state_dict().items()})
@@ -299,7 +411,8 @@ class SML(Strategy):
         t = {k: v.to(self.device) for k, v in tensors.items()}
         self.w, self.w_prev, self.w_hat_prev = (
             MFWeights(t[f"{k}.user"], t[f"{k}.item"]) for k in ("w", "w_prev", "w_hat_prev"))
-        self.theta = Transfer(self.w.dim).to(self.device)
+        self.prior = t.get("prior")
+        self.theta = self._new_theta(self.w.dim)
         self.theta.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("theta.")})
         self.opt = theta_optimizer(self.theta, self.cfg)
         state: dict[int, dict] = {}
@@ -329,3 +442,74 @@ def pretrain(history: list[PeriodData], n_users: int, n_items: int, mf: MFConfig
 
 
 METHODS = {cls.name: cls for cls in (SML, FullRetrain, FineTune, SlidingWindow, Popularity)}
+
+# ----------------------------------------------------------------- building from a config
+
+LOSS_KEYS = frozenset(LossConfig.model_fields)
+MF_KEYS = frozenset(MFConfig.model_fields)
+SML_KEYS = frozenset(SMLConfig.model_fields)
+BLEND_KEYS = frozenset({"blend", "blend_window", "blend_half_life"})
+PARAMS = {
+    "sml": SML_KEYS | LOSS_KEYS | BLEND_KEYS,
+    "full": MF_KEYS | LOSS_KEYS | BLEND_KEYS,
+    "finetune": MF_KEYS | LOSS_KEYS | BLEND_KEYS,
+    "window": MF_KEYS | LOSS_KEYS | BLEND_KEYS | {"window"},
+    "pop": frozenset({"window", "half_life"}),
+}
+"""The parameters each method takes (flat: one dict per method, as in grids and configs)."""
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a method's parameters fall back to."""
+
+    loss: LossConfig = LossConfig()
+    mf: MFConfig = MFConfig()
+    sml: SMLConfig = SMLConfig()
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = False
+
+
+def _pick(params: dict, keys: frozenset, base: BaseModel) -> BaseModel:
+    """``base`` with the ``params`` that are its fields replaced (validated)."""
+    update = {k: params[k] for k in params if k in keys}
+    return type(base)(**{**base.model_dump(), **update})
+
+
+def build_strategy(method: str, params: dict, defaults: Defaults = Defaults()) -> Strategy:
+    """A strategy from a method name and its flat parameters (one point of a grid, or one
+    challenger of a run configuration). Unknown parameters are an error that names them."""
+    if method not in PARAMS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(PARAMS)}")
+    params = dict(params)
+    unknown = sorted(set(params) - PARAMS[method])
+    if unknown:
+        raise ValueError(f"{method}: unknown parameter(s) {', '.join(unknown)}; it takes "
+                         f"{', '.join(sorted(PARAMS[method]))}")
+    common = {"seed": defaults.seed, "device": defaults.device, "progress": defaults.progress}
+    if method == "pop":
+        return Popularity(window=params.get("window"), half_life=params.get("half_life"),
+                          **common)
+    common["loss"] = _pick(params, LOSS_KEYS, defaults.loss)
+    common.update({k: params[k] for k in BLEND_KEYS if k in params})
+    if method == "sml":
+        return SML(sml=_pick(params, SML_KEYS, defaults.sml), **common)
+    mf = _pick(params, MF_KEYS, defaults.mf)
+    if method == "window":
+        return SlidingWindow(window=int(params.get("window", 3)), mf=mf, **common)
+    return {"full": FullRetrain, "finetune": FineTune}[method](mf=mf, **common)
+
+
+def extra_meta_passes(strategy: Strategy, w0: MFWeights, periods: list[PeriodData],
+                      sizes: list[tuple[int, int]], first: int, stop: int) -> None:
+    """For SML with ``meta_passes`` > 1: all passes over the meta-training periods
+    ``periods[first:stop]`` but the last, each followed by a rewind of the chain to W_0
+    (Θ and its optimiser state kept). The caller then runs the last pass as usual. Other
+    strategies are left as they are."""
+    if not isinstance(strategy, SML):
+        return
+    for _ in range(strategy.cfg.meta_passes - 1):
+        for t in range(first, stop):
+            strategy.update(periods[: t + 1], *sizes[t])
+        strategy.rewind(w0)

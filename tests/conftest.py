@@ -38,12 +38,13 @@ def tree_digest(path: str | Path) -> dict[str, str]:
     return out
 
 
-RELIABILITY_JSON = Path(__file__).resolve().parents[1] / "benchmarks/results/reliability.json"
 
 
 class Reliability:
-    """Counters the reliability tests report; merged into benchmarks/results/reliability.json
-    at the end of the session (keys not touched by this session keep their last values)."""
+    """Counters the reliability tests report. A plain test run keeps them to itself (it
+    leaves the tree as it found it); ``make reliability`` sets ``SMLREC_RELIABILITY_JSON``
+    and they are merged into that file (benchmarks/results/reliability.json) at the end of
+    the session (keys not touched by this session keep their last values)."""
 
     def __init__(self) -> None:
         self.values: dict[str, object] = {}
@@ -54,17 +55,20 @@ class Reliability:
     def set(self, key: str, value: object) -> None:
         self.values[key] = value
 
-    def write(self, path: Path = RELIABILITY_JSON) -> None:
+    def write(self, path: Path | None = None) -> None:
         import json
+        import os
         import time
 
-        if not self.values:
+        target = path or os.environ.get("SMLREC_RELIABILITY_JSON")
+        if not self.values or not target:
             return
+        path = Path(target)
         old = json.loads(path.read_text()) if path.is_file() else {}
         path.parent.mkdir(parents=True, exist_ok=True)
         out = {**old, **self.values,
                "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "written_by": "the test suite (make test); make soak overwrites load_*"}
+               "written_by": "the test suite (make reliability); make soak overwrites load_*"}
         path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
 
 

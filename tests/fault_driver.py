@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
         failpoint("step.after", "features")
         decision = ops.gate_op.python_func(
             period=args.period, data_uri=args.data, state_uri=args.state, tolerance=0.05,
-            seed=0, metrics=art(dsl.Metrics, "gate-metrics"), report=art(dsl.Markdown, "g.md"))
+            metrics=art(dsl.Metrics, "gate-metrics"), report=art(dsl.Markdown, "g.md"))
         failpoint("step.after", "gate")
         if decision == "promote":
             ops.package_op.python_func(state_uri=args.state, period=args.period,
@@ -76,15 +76,21 @@ def main(argv: list[str]) -> int:
             failpoint("step.after", "package")
         meta = art(dsl.Model, "meta-state")
         ops.meta_update_op.python_func(
-            period=args.period, state_uri=args.state, outer_steps=1, seed=0,
-            training_frame=frame, state=meta, metrics=art(dsl.Metrics, "meta-metrics"))
+            period=args.period, state_uri=args.state, training_frame=frame, state=meta,
+            metrics=art(dsl.Metrics, "meta-metrics"))
         failpoint("step.after", "meta_update")
         learned = art(dsl.Model, "learn-state")
-        ops.learn_op.python_func(outer_steps=1, seed=0, training_frame=frame, state_in=meta,
+        ops.learn_op.python_func(state_uri=args.state, training_frame=frame, state_in=meta,
                                  state=learned, metrics=art(dsl.Metrics, "learn-metrics"))
         failpoint("step.after", "learn")
-        ops.transfer_op.python_func(state_uri=args.state, seed=0, training_frame=frame,
-                                    state_in=learned, metrics=art(dsl.Metrics, "t-metrics"))
+        others = art(dsl.Model, "challengers")
+        ops.challengers_op.python_func(
+            period=args.period, data_uri=args.data, state_uri=args.state, training_frame=frame,
+            models=others, metrics=art(dsl.Metrics, "challengers-metrics"))
+        failpoint("step.after", "challengers")
+        ops.transfer_op.python_func(state_uri=args.state, data_uri=args.data,
+                                    training_frame=frame, state_in=learned, others=others,
+                                    metrics=art(dsl.Metrics, "t-metrics"))
         failpoint("step.after", "transfer")
         ops.package_op.python_func(state_uri=args.state, period=args.period,
                                    bentoml_home=args.bento, stage="candidate",

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from smlrec import backtest as bt
 from smlrec.cli import app
+from smlrec.config import DailyConfig
 from smlrec.data.synthetic import generate_stream, write_synthetic
 from smlrec.schema import ITEM, PERIOD, TS, USER
 from smlrec.strategies import Popularity
@@ -39,8 +40,9 @@ def test_index_periods_grows_vocabularies_in_time_order():
                  ("c", "x", "2024-01-02"), ("a", "z", "2024-01-02")])
     data = bt.index_periods(df)
     assert data.n_users_after == [2, 3] and data.n_items_after == [2, 3]
-    assert data.periods[1].users.tolist() == [2, 0]
-    assert data.periods[1].items.tolist() == [0, 2]
+    # Rows in the canonical order (timestamp, user, item), whatever order they came in.
+    assert data.periods[1].users.tolist() == [0, 2]
+    assert data.periods[1].items.tolist() == [2, 0]
 
 
 def test_each_period_is_tested_with_the_model_of_the_period_before(monkeypatch):
@@ -60,8 +62,8 @@ def test_each_period_is_tested_with_the_model_of_the_period_before(monkeypatch):
     rows = [("seed", f"i{i}", days[0]) for i in range(16)]  # every item known from day 0
     rows += [(f"u{u}", f"i{(3 * u + t) % 16}", day) for t, day in enumerate(days) for u in range(6)]
     cfg = bt.BacktestConfig(methods=["pop"], split=bt.Split(pretrain=2, meta=2, val=2, test=2),
-                            progress=False)
-    res = bt.run_backtest(_frame(rows), cfg, log=lambda _: None)
+                            progress=False, seeds=(0,), grids={"pop": [{}]})
+    res = bt.run_backtest(_frame(rows), cfg, log=lambda _: None).results
     evaluated = res.dropna(subset=["ndcg@20"])
     assert evaluated["period"].tolist() == days[3:]
     assert seen_at_eval == days[2:-1]  # period t was scored by the model after t-1
@@ -70,11 +72,20 @@ def test_each_period_is_tested_with_the_model_of_the_period_before(monkeypatch):
 def test_selection_uses_validation_periods_only():
     rows = []
     for cid, (val, test) in enumerate([(0.3, 0.1), (0.2, 0.9)]):
-        rows += [{"method": "m", "config": cid, "params": "{}", "phase": "val",
+        rows += [{"seed": 0, "method": "m", "config": cid, "params": "{}", "phase": "val",
                   "ndcg@20": val, "n_interactions": 10, "train_seconds": 1.0},
-                 {"method": "m", "config": cid, "params": "{}", "phase": "test",
+                 {"seed": 0, "method": "m", "config": cid, "params": "{}", "phase": "test",
                   "ndcg@20": test, "n_interactions": 10, "train_seconds": 1.0}]
     assert bt.select_configs(pd.DataFrame(rows)) == {"m": 0}
+
+
+def test_selection_is_by_the_mean_over_seeds():
+    # Config 0 wins on seed 0 by a hair and loses badly on seed 1: the mean picks config 1.
+    vals = {(0, 0): 0.30, (0, 1): 0.10, (1, 0): 0.29, (1, 1): 0.28}
+    rows = [{"seed": seed, "method": "m", "config": cid, "params": "{}", "phase": "val",
+             "ndcg@20": v, "n_interactions": 10, "train_seconds": 1.0}
+            for (cid, seed), v in vals.items()]
+    assert bt.select_configs(pd.DataFrame(rows)) == {"m": 1}
 
 
 @pytest.fixture(scope="module")
@@ -89,24 +100,41 @@ def test_backtest_cli_writes_csv_chart_and_summary(small_stream, tmp_path):
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"sml": [{"outer_steps": 1}], "full": [{"epochs": 1}],
                                 "finetune": [{"epochs": 1}, {"epochs": 2}],
-                                "window": [{"window": 2, "epochs": 1}], "pop": [{}]}))
+                                "window": [{"window": 2, "epochs": 1}],
+                                "pop": [{"window": 1}, {"half_life": 1}]}))
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["backtest", "--dataset", "synthetic", "--data-root",
                                       str(small_stream), "--out", str(out), "--grid", str(grid),
-                                      "--pretrain-epochs", "2", "--no-progress"])
+                                      "--pretrain-epochs", "2", "--no-progress", "--seeds",
+                                      "0,1", "--blends", "0,2", "--write-config",
+                                      str(tmp_path / "ml.yaml")])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "synthetic"
     assert set(summary["methods"]) == {"sml", "full", "finetune", "window", "pop"}
+    assert summary["seeds"] == [0, 1]
     for m in summary["methods"].values():
-        for key in ("ndcg@20", "recall@20", "auc", "train_seconds_last_period"):
+        for key in ("ndcg@20", "recall@20", "auc", "train_seconds_last_period", "ndcg@20_sd",
+                    "recall@20_sd"):
             assert np.isfinite(m[key])
         assert 0 <= m["ndcg@20"] <= 1 and 0 <= m["auc"] <= 1
+        low, high = m["ci95_vs_pop"]
+        assert low <= m["ratio_vs_pop"] <= high and m["config"] == m["params"]
+    assert summary["methods"]["pop"]["ratio_vs_pop"] == 1.0
+    assert {p["phase"] for p in summary["periods"]} == {"val", "test"}
+    assert all(p["n_users"] > 0 for p in summary["periods"])
+    # Every MF config was also scored with the blend, and lambda was chosen on validation.
+    assert {c["params"].get("blend") for c in summary["configs"]["window"]} == {0.0, 2.0}
+    conf = DailyConfig.load(str(tmp_path / "ml.yaml"))
+    assert [c.method for c in conf.challengers][0] == "sml" and len(conf.challengers) == 2
+    assert conf.challengers[1].params == summary["methods"][conf.challengers[1].method]["params"]
+    assert conf.floor.params == summary["methods"]["pop"]["params"]
+    assert conf.pretrain_epochs == 2 and conf.selection["seeds"] == [0, 1]
     assert summary["methods"]["pop"]["train_seconds_last_period"] < 1
     per = pd.read_csv(out / "per_period.csv")
     assert set(per["phase"]) == {"meta", "val", "test"}
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "SML NDCG@20 / best baseline" in result.output
+    assert "SML NDCG@20 / best non-SML method" in result.output
 
 
 def test_backtest_cli_reports_bad_arguments_clearly(small_stream, tmp_path):
@@ -120,6 +148,11 @@ def test_backtest_cli_reports_bad_arguments_clearly(small_stream, tmp_path):
     r = runner.invoke(app, ["backtest", "--data-root", str(small_stream), "--period", "7D",
                             "--no-progress"])
     assert r.exit_code == 2 and "7D" in r.output
+    bad = tmp_path / "grid.json"
+    bad.write_text(json.dumps({"window": [{"windw": 3}]}))
+    r = runner.invoke(app, ["backtest", "--data-root", str(small_stream), "--grid", str(bad),
+                            "--methods", "window", "--no-progress"])
+    assert r.exit_code == 2 and "windw" in r.output
 
 
 def test_synthetic_stream_is_learnable_by_sml_and_baselines(small_stream):
@@ -127,8 +160,8 @@ def test_synthetic_stream_is_learnable_by_sml_and_baselines(small_stream):
                             interactions_per_period=1500, returning_share=0.7, drift=0.2, seed=1)
     cfg = bt.BacktestConfig(methods=["sml", "pop"], grids={"sml": [{"outer_steps": 1}],
                                                            "pop": [{}]},
-                            pretrain_epochs=3, progress=False)
-    res = bt.run_backtest(frame, cfg, log=lambda _: None)
+                            pretrain_epochs=3, progress=False, seeds=(0,), blends=())
+    res = bt.run_backtest(frame, cfg, log=lambda _: None).results
     test = res[res["phase"] == "test"]
     assert test["ndcg@20"].notna().all()
     assert (test["auc"] > 0.5).all()  # better than chance on every test period

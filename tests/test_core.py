@@ -64,6 +64,39 @@ def test_transfer_shapes_and_zero_norm_guard():
     assert net.fc2.out_features == DIM
 
 
+def test_transfer_variants_start_as_fine_tuning_or_a_gate():
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    assert torch.equal(TransferNet(8, kind="residual")(a, b), b)  # Ŵ_t + 0 at first
+    g = torch.sigmoid(torch.tensor(TransferNet.GATE_BIAS))
+    assert torch.allclose(TransferNet(8, kind="gated")(a, b), g * a + (1 - g) * b, atol=1e-6)
+    small = TransferNet(8, hidden=32)
+    assert small.fc1.out_features == 32
+    with pytest.raises(ValueError, match="unknown transfer"):
+        TransferNet(8, kind="magic")
+
+
+def test_building_theta_never_draws_from_the_global_random_stream():
+    before = torch.random.get_rng_state()
+    a = Transfer(8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = Transfer(8, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_a_co_running_strategy_does_not_shift_another():
+    periods = _toy_periods()
+    w0 = pretrain(periods[:1], 30, 20, MFConfig(epochs=1), LossConfig(), seed=0, dim=8)
+    alone = _run(SML(sml=SMLConfig(outer_steps=1), seed=1), periods, w0).weights()
+    s, other = SML(sml=SMLConfig(outer_steps=1), seed=1), FineTune(seed=1)
+    s.start(w0)
+    other.start(w0)
+    for t in range(1, len(periods)):
+        other.update(periods[: t + 1], 30, 20)
+        torch.randn(100)  # and someone else draws from the global stream
+        s.update(periods[: t + 1], 30, 20)
+    assert torch.equal(s.weights().user, alone.user)
+
+
 def test_transfer_stops_gradient_of_b_through_the_product_term():
     net = TransferNet(4)
     a = torch.randn(2, 4, requires_grad=True)
@@ -118,13 +151,58 @@ def test_step2_updates_theta_but_not_the_weights():
 # --------------------------------------------------------------------------- losses, sampling
 
 
+def _rows(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).reshape(-1, 1)
+
+
 def test_losses_known_values():
-    z = torch.zeros(4)
-    assert rec_loss(z, z, "bce").item() == pytest.approx(2 * np.log(2))
-    assert rec_loss(z, z, "bpr").item() == pytest.approx(np.log(2))
-    assert rec_loss(torch.full((2,), 20.0), torch.full((2,), -20.0), "bce").item() < 1e-6
-    with pytest.raises(ValueError, match="unknown loss"):
-        rec_loss(z, z, "hinge")
+    z = torch.zeros(4, 3)
+    assert rec_loss(z, z, z, LossConfig(loss="bce")).item() == pytest.approx(2 * np.log(2))
+    assert rec_loss(z, z, z, LossConfig(loss="bpr")).item() == pytest.approx(np.log(2))
+    one = _rows(1.0, 1.0)
+    assert rec_loss(one, 20 * one, -20 * one, LossConfig()).item() < 1e-6
+    # k negatives per positive: (B, k, d); BCE averages over all of them.
+    neg = torch.stack([_rows(0.0, 0.0), _rows(-20.0, -20.0)], 1)  # (2, 2, 1)
+    assert rec_loss(one, 20 * one, neg, LossConfig()).item() == pytest.approx(np.log(2) / 2,
+                                                                              abs=1e-6)
+    with pytest.raises(ValueError):
+        LossConfig(loss="hinge")
+
+
+def test_sampled_softmax_known_values_masking_and_logq():
+    from smlrec.train import LogQ
+
+    cfg = LossConfig(loss="softmax", n_negatives=2, logq=False)
+    z = torch.zeros(4, 3)
+    items = torch.tensor([0, 1, 2, 3])
+    neg_items = torch.tensor([[4, 5]] * 4)
+    # All logits 0: each positive against 3 in-batch and 2 sampled candidates: log(6).
+    loss = rec_loss(z, z, torch.zeros(4, 2, 3), cfg, items, neg_items)
+    assert loss.item() == pytest.approx(np.log(6))
+    # A batch column holding the row's own item is masked: rows 0 and 1 share item 0.
+    same = torch.tensor([0, 0, 2, 3])
+    loss = rec_loss(z, z, torch.zeros(4, 2, 3), cfg, same, neg_items)
+    expected = (2 * np.log(5) + 2 * np.log(6)) / 4
+    assert loss.item() == pytest.approx(expected)
+    # logQ subtracts log Q(item) from every candidate's logit (the positive's included).
+    logq = LogQ(batch=torch.log(torch.tensor([1.0, 2.0, 4.0, 8.0, 1.0, 1.0])),
+                sampled=torch.zeros(6))
+    loss = rec_loss(z, z, torch.zeros(4, 2, 3), LossConfig(loss="softmax", n_negatives=2),
+                    items, neg_items, logq)
+    logits = np.array([-np.log([1, 2, 4, 8])] * 4)
+    full = np.concatenate([logits, np.zeros((4, 2))], 1)
+    ce = [np.log(np.exp(row).sum()) - row[i] for i, row in enumerate(full)]
+    assert loss.item() == pytest.approx(np.mean(ce), rel=1e-5)
+
+
+def test_hard_negatives_keep_the_highest_scored_candidates():
+    from smlrec.train import pick_hard
+
+    u = torch.tensor([[1.0, 0.0]])
+    cand_rows = torch.tensor([[[0.1, 0], [0.9, 0], [0.5, 0], [-1.0, 0]]])
+    cand = torch.tensor([[10, 11, 12, 13]])
+    rows, items = pick_hard(u, cand_rows, cand, 2)
+    assert items.tolist() == [[11, 12]] and rows.shape == (1, 2, 2)
 
 
 def test_negative_sampler_avoids_the_users_positives():
@@ -134,6 +212,51 @@ def test_negative_sampler_avoids_the_users_positives():
     neg = sampler.sample(users, np.random.default_rng(0))
     positives = set(zip(users.tolist(), items.tolist(), strict=True))
     assert not any((u, i) in positives for u, i in zip(users.tolist(), neg.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("k, weights", [(5, None), (16, "popularity")])
+def test_k_negative_sampler_never_returns_a_positive_of_the_user(k, weights):
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(40), 10)
+    # Each user saw 10 of 15 items: a third of the pool is negative, so redraws are frequent.
+    items = np.concatenate([rng.choice(15, 10, replace=False) for _ in range(40)])
+    w = None if weights is None else np.bincount(items, minlength=15) + 1.0
+    sampler = NegativeSampler(users, items, np.arange(15), w)
+    neg = sampler.sample(users, np.random.default_rng(0), k=k)
+    assert neg.shape == (len(users), k)
+    positives = set(zip(users.tolist(), items.tolist(), strict=True))
+    hits = [(u, i) for u, row in zip(users.tolist(), neg.tolist(), strict=True) for i in row
+            if (u, i) in positives]
+    assert hits == []
+    assert len(np.unique(neg)) > 1
+
+
+# --------------------------------------------------------------------------- the blend
+
+
+def test_blend_column_equals_the_blended_score():
+    g = torch.Generator().manual_seed(0)
+    w = MFWeights.random(5, 7, 4, g)
+    prior = torch.tensor([0.0, 1, 2, 3, 10, 0, 5])
+    blended = w.with_prior(prior, 2.5)
+    assert blended.user.shape == (5, 5) and blended.item.shape == (7, 5)
+    expected = w.user @ w.item.T + 2.5 * torch.log1p(prior)[None, :]
+    assert torch.allclose(blended.user @ blended.item.T, expected, atol=1e-5)
+    assert w.with_prior(prior, 0.0) is w  # no blend, no extra column
+    # A strategy's weights() is the blend of its model and its refreshed prior.
+    s = FineTune(blend=2.5, blend_window=2)
+    s.w, s.prior = w, prior
+    assert torch.allclose(s.weights().user @ s.weights().item.T, expected, atol=1e-5)
+
+
+def test_popularity_over_windows_and_half_lives():
+    from smlrec.strategies import popularity_counts
+
+    hist = [PeriodData(str(t), np.zeros(1, int), np.array([t])) for t in range(4)]
+    assert popularity_counts(hist, 4, window=1).tolist() == [0, 0, 0, 1]
+    assert popularity_counts(hist, 4, window=2).tolist() == [0, 0, 1, 1]
+    decayed = popularity_counts(hist, 4, window=None, half_life=1).tolist()
+    assert decayed == pytest.approx([0.125, 0.25, 0.5, 1.0])
 
 
 # --------------------------------------------------------------------------- MF known answer

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from conftest import tree_digest
 
-from smlrec.config import SMLConfig
+from smlrec.config import MethodSpec, SMLConfig
 from smlrec.daily import DailyConfig, bootstrap
 from smlrec.data.store import list_periods
 from smlrec.data.synthetic import write_synthetic
@@ -46,7 +46,8 @@ PERIOD_FAULTS = [
     ("package.inside@production", "mid BentoML packaging of production"),
     ("step.after@package", "step boundary: package -> meta-update"),
     ("step.after@meta_update", "step boundary: meta-update -> learn"),
-    ("step.after@learn", "step boundary: learn -> transfer"),
+    ("step.after@learn", "step boundary: learn -> challengers"),
+    ("step.after@challengers", "step boundary: challengers -> transfer"),
     ("write.partial@*/state/periods/*/weights.safetensors", "writing the new model's weights"),
     ("write.before_rename@*/state/periods/*/manifest.json", "committing the new bundle"),
     ("write.before_rename@*/pointers/candidate.json", "moving the candidate pointer"),
@@ -64,7 +65,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     # 25 epochs: W_0 clearly beats popularity at the first gate (NDCG@20 0.167 against 0.132),
     # so the chain below promotes, and the production failpoints are reached.
     cfg = DailyConfig(sml=SMLConfig(outer_steps=1, theta_init="identity"),
-                      pretrain_periods=3, pretrain_epochs=25, seed=0)
+                      pretrain_periods=3, pretrain_epochs=25, seed=0,
+                      challengers=[MethodSpec(method="sml"),
+                                   MethodSpec(method="window", params={"window": 2,
+                                                                       "epochs": 2})])
     bootstrap(data, StateStore(str(base / "state")), cfg, periods[4])
     return {"data": data, "state": str(base / "state"), "features": str(base / "features"),
             "bento": str(base / "bento"), "work": str(base / "work"),
@@ -85,7 +89,7 @@ def _argv(world: dict[str, str], period: str, input_file: str = "") -> list[str]
 
 class Zygote:
     """The driver's ``--zygote`` mode: runs forked from one warm process (each run still
-    dies alone), so that fifteen crashes do not pay fifteen times for importing Feast."""
+    dies alone), so that sixteen crashes do not pay sixteen times for importing Feast."""
 
     def __init__(self, world: dict[str, str], logs: Path):
         self.world, self.logs, self.n = world, logs, 0

@@ -1,4 +1,4 @@
-"""The promotion rule, case by case."""
+"""The promotion rule, case by case: one challenger, several, none eligible."""
 
 import math
 
@@ -11,27 +11,56 @@ def m(ndcg, recall=0.1):
     return {"ndcg@20": ndcg, "recall@20": recall}
 
 
+def one(scores):
+    return {"sml": scores}
+
+
 def test_first_candidate_must_beat_popularity():
-    assert decide(m(0.2), None, m(0.1)).accept
-    d = decide(m(0.1), None, m(0.1))
-    assert not d.accept and "does not beat popularity" in d.reasons[0]
+    assert decide(one(m(0.2)), None, m(0.1)).accept
+    d = decide(one(m(0.1)), None, m(0.1))
+    assert not d.accept and any("does not beat popularity" in r for r in d.reasons)
+    assert d.strategy is None and d.best == "sml"
 
 
 def test_candidate_within_tolerance_of_incumbent_is_promoted():
-    assert decide(m(0.19), m(0.2), m(0.1), tolerance=0.05).accept
-    d = decide(m(0.18), m(0.2), m(0.1), tolerance=0.05)
-    assert not d.accept and d.decision == "reject" and "below the incumbent" in d.reasons[0]
-    assert decide(m(0.18), m(0.2), m(0.1), tolerance=0.2).accept
+    assert decide(one(m(0.19)), m(0.2), m(0.1), tolerance=0.05).accept
+    d = decide(one(m(0.18)), m(0.2), m(0.1), tolerance=0.05)
+    assert not d.accept and d.decision == "reject"
+    assert any("below the incumbent" in r for r in d.reasons)
+    assert decide(one(m(0.18)), m(0.2), m(0.1), tolerance=0.2).accept
+
+
+def test_the_gate_picks_the_best_of_several_challengers():
+    d = decide({"sml": m(0.15), "window": m(0.21), "full": m(0.18)}, m(0.19), m(0.12))
+    assert d.accept and d.strategy == "window" and d.best == "window"
+    assert d.candidate == m(0.21)
+    assert d.reasons[0].startswith("promote window")
+    # The best challenger is not eligible (below the incumbent): the next eligible one wins.
+    d = decide({"sml": m(0.195), "window": m(0.30, recall=math.nan)}, m(0.2), m(0.1))
+    assert d.accept and d.strategy == "sml"
+
+
+def test_the_gate_refuses_every_challenger_when_none_beats_the_floor():
+    d = decide({"sml": m(0.10), "window": m(0.12)}, None, m(0.13))
+    assert not d.accept and d.strategy is None and d.best == "window"
+    assert sum("does not beat popularity" in r for r in d.reasons) == 2
+    d = decide({"sml": m(0.14), "window": m(0.15)}, m(0.2), m(0.13))
+    assert not d.accept  # above the floor, but too far below the incumbent
+    assert "the incumbent keeps serving" in d.reasons[0]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, None])
 def test_non_finite_numbers_are_rejected(bad):
-    d = decide({"ndcg@20": bad, "recall@20": 0.1}, m(0.1), m(0.05))
-    assert not d.accept and "not all finite" in d.reasons[0]
+    d = decide(one({"ndcg@20": bad, "recall@20": 0.1}), m(0.1), m(0.05))
+    assert not d.accept and any("not all finite" in r for r in d.reasons)
+    d = decide(one(m(0.3)), m(0.1), {"ndcg@20": bad, "recall@20": 0.1})
+    assert not d.accept and any("popularity metrics are not all finite" in r for r in d.reasons)
 
 
 def test_tolerance_is_checked_and_decision_serialises():
     with pytest.raises(ValueError, match="tolerance"):
-        decide(m(0.2), None, m(0.1), tolerance=1.5)
-    d = decide(m(0.2), m(0.2), m(0.1)).to_dict()
-    assert d["decision"] == "promote" and d["incumbent"] == m(0.2)
+        decide(one(m(0.2)), None, m(0.1), tolerance=1.5)
+    with pytest.raises(ValueError, match="challenger"):
+        decide({}, None, m(0.1))
+    d = decide(one(m(0.2)), m(0.2), m(0.1)).to_dict()
+    assert d["decision"] == "promote" and d["incumbent"] == m(0.2) and d["strategy"] == "sml"

@@ -431,3 +431,44 @@ def test_runs_on_device(device):
         assert got.keys() == expected.keys()
         for key in got:
             assert got[key] == pytest.approx(expected[key], rel=1e-9), key
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_paired_bootstrap_on_a_hand_computed_case():
+    from smlrec.metrics import paired_bootstrap
+
+    # Two users: the model scores (1, 0), the floor (1, 1). A replicate draws two users with
+    # replacement: (1,1) w.p. 1/4 -> ratio 1; mixed w.p. 1/2 -> 0.5; (2,2) w.p. 1/4 -> 0.
+    r = paired_bootstrap([np.array([1.0, 0.0])], [np.array([1.0, 1.0])], n_boot=4000, seed=1)
+    assert r["ratio"] == 0.5 and r["diff"] == -0.5
+    assert r["low"] == 0.0 and r["high"] == 1.0
+    assert r["p_not_better"] == 1.0 and r["n_units"] == 2
+    # Constant ratio: the interval collapses onto it.
+    r = paired_bootstrap([np.array([0.2, 0.4, 0.6])], [np.array([0.1, 0.2, 0.3])], n_boot=500)
+    assert r["ratio"] == pytest.approx(2.0)
+    assert r["low"] == pytest.approx(2.0) and r["high"] == pytest.approx(2.0)
+    assert r["p_not_better"] == 0.0
+
+
+def test_paired_bootstrap_weights_strata_like_the_reported_mean():
+    from smlrec.metrics import paired_bootstrap
+
+    a = [np.array([0.3, 0.3]), np.array([0.1])]
+    b = [np.array([0.1, 0.1]), np.array([0.1])]
+    # Period means 0.3 and 0.1 for a, 0.1 and 0.1 for b; weights 3 and 1.
+    r = paired_bootstrap(a, b, weights=[3, 1], n_boot=200)
+    assert r["ratio"] == pytest.approx((3 * 0.3 + 0.1) / (3 * 0.1 + 0.1))
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_bootstrap([np.ones(2)], [np.ones(3)])
+
+
+def test_full_ranking_per_user_values_average_to_the_reported_means():
+    scores = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 3.0, 2.0]])
+    out = full_ranking(lambda u: scores[u], [0, 1, 2, 2], [0, 0, 2, 1], 4, ks=(1, 2),
+                       per_user=True)
+    pu = out["per_user"]
+    assert pu["user"].tolist() == [0, 1, 2] and pu["n_relevant"].tolist() == [1, 1, 2]
+    assert pu["ndcg@2"].mean() == pytest.approx(out["ndcg@2"])
+    assert pu["recall@1"].tolist() == [1.0, 0.0, 0.5]

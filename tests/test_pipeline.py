@@ -11,19 +11,29 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import tree_digest
 from kfp import compiler
 
 from pipelines.daily import bootstrap_pipeline, daily_pipeline
 from pipelines.local import run_bootstrap, run_daily
+from smlrec.daily import load_config, run_period
 from smlrec.data.store import list_periods
 from smlrec.data.synthetic import write_synthetic
 from smlrec.errors import SmlrecError
 from smlrec.registry import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = {"outer_steps": 3}
+CONFIG = """\
+challengers:
+- {method: sml, params: {outer_steps: 3, blend: 0.5}}
+- {method: window, params: {window: 2, epochs: 3, n_negatives: 2, blend: 1.0}}
+floor: {method: pop, params: {window: 2}}
+sml: {theta_init: identity}
+pretrain_periods: 3
+pretrain_epochs: 10
+"""
 
 
 @pytest.mark.parametrize("fn, name", [(daily_pipeline, "daily.yaml"),
@@ -49,8 +59,9 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def booted_once(data, tmp_path_factory):
     base = tmp_path_factory.mktemp("pipe-state")
+    (base / "config.yaml").write_text(CONFIG)
     run_bootstrap(data, str(base / "state"), list_periods(data)[5], str(base / "kfp"),
-                  pretrain_periods=3, pretrain_epochs=10, outer_steps=3, theta_init="identity")
+                  config_uri=str(base / "config.yaml"))
     return base / "state"
 
 
@@ -68,17 +79,29 @@ def test_bootstrap_made_a_candidate(booted_once, data):
 
 def test_good_period_is_promoted_packaged_and_becomes_the_base(state, data, tmp_path):
     p = list_periods(data)
-    r = run_daily(p[6], data, state, str(tmp_path / "kfp"), bentoml_home=str(tmp_path / "bento"),
-                  **FAST)
+    # The same period, run by the functions the tasks call, in this process (the backtest's
+    # parity with those functions is tested in test_daily.py).
+    shutil.copytree(state, tmp_path / "in-process")
+    here = StateStore(str(tmp_path / "in-process"))
+    run_period(data, here, p[6], load_config(here), str(tmp_path / "work"))
+    r = run_daily(p[6], data, state, str(tmp_path / "kfp"), bentoml_home=str(tmp_path / "bento"))
     assert r["decision"] == "promote", r
     store = StateStore(state)
     assert store.get_pointer("production") == p[5] and store.get_pointer("candidate") == p[6]
+    strategy = store.pointer_info("production")["strategy"]
+    assert strategy == r["strategy"] in ("sml", "window")
     models = list((tmp_path / "bento" / "models" / "smlrec-mf").glob("*/model.yaml"))
     assert len(models) == 1 and f"period: '{p[5]}'" in models[0].read_text()
+    assert f"strategy: {strategy}" in models[0].read_text()
     assert (Path(state) / "features").exists()
+    # Parity: the pipeline's tasks made the same models as the in-process run.
+    kfp_tensors = store.load_period(p[6])[0]
+    own_tensors = here.load_period(p[6])[0]
+    for key in [k for k in own_tensors if k.startswith("serve.")]:
+        assert torch.equal(kfp_tensors[key], own_tensors[key]), key
     # Re-running a finished period changes nothing.
     before = tree_digest(state)
-    assert run_daily(p[6], data, state, str(tmp_path / "kfp2"), **FAST)["skipped"]
+    assert run_daily(p[6], data, state, str(tmp_path / "kfp2"))["skipped"]
     assert tree_digest(state) == before
 
 
@@ -88,18 +111,19 @@ def test_bad_data_stops_at_validation_and_changes_nothing(state, data, tmp_path)
     bad.write_text("user,item_id,timestamp\n1,2,2024-01-07T10:00:00Z\n")  # no user_id
     before, data_before = tree_digest(state), tree_digest(data)
     with pytest.raises(SmlrecError, match="validate-op"):
-        run_daily(p[6], data, state, str(tmp_path / "kfp"), input_file=str(bad), **FAST)
+        run_daily(p[6], data, state, str(tmp_path / "kfp"), input_file=str(bad))
     assert tree_digest(state) == before
     assert tree_digest(data) == data_before
 
 
 def test_worse_candidate_is_rejected_and_the_incumbent_kept(state, data, tmp_path):
     p = list_periods(data)
-    run_daily(p[6], data, state, str(tmp_path / "kfp1"), **FAST)  # promotes p[5]
+    run_daily(p[6], data, state, str(tmp_path / "kfp1"))  # promotes p[5]
     store = StateStore(state)
     tensors, meta, users, items = store.load_period(p[6])
-    store.save_period(p[6], {**tensors, "w.user": tensors["w.user"] * 0}, meta, users, items)
-    r = run_daily(p[7], data, state, str(tmp_path / "kfp2"), **FAST)
+    zeroed = {k: v * 0 if k.startswith("serve.") else v for k, v in tensors.items()}
+    store.save_period(p[6], zeroed, meta, users, items)
+    r = run_daily(p[7], data, state, str(tmp_path / "kfp2"))
     assert r["decision"] == "reject"
     assert store.get_pointer("production") == p[5]
     assert store.get_pointer("candidate") == p[7]
@@ -124,6 +148,6 @@ def test_a_killed_run_leaves_consistent_state_and_the_next_run_completes(state, 
         pid = store.get_pointer(name)
         if pid is not None:
             store.load_period(pid)
-    r = run_daily(p[6], data, state, str(tmp_path / "kfp-again"), **FAST)
+    r = run_daily(p[6], data, state, str(tmp_path / "kfp-again"))
     assert r["decision"] == "promote" and store.get_pointer("candidate") == p[6]
     store.load_period(p[6])

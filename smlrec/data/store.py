@@ -165,6 +165,13 @@ def _stored_hint(root: str) -> str:
     return f" (stored: {len(pids)} periods from {pids[0]} to {pids[-1]})"
 
 
+def canonical_order(frame: pd.DataFrame, ts: str = TS) -> pd.DataFrame:
+    """Rows in one fixed order, by (timestamp, user, item): whatever order a reader or a
+    feature store hands rows back in, the same data trains the same model (vocabulary rows
+    are assigned in this order)."""
+    return frame.sort_values([ts, USER, ITEM], kind="stable", ignore_index=True)
+
+
 def read_periods(
     root: str, period_ids: Iterable[str] | None = None, columns: list[str] | None = None
 ) -> pd.DataFrame:
