@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -73,19 +74,43 @@ def run(period: Annotated[str, typer.Option(help="Period to process, YYYY-MM-DD 
         input_file: Annotated[str, typer.Option(
             help="Raw file of the period to validate and import (default: the stored one).")]
         = "",
-        period_spec: PeriodOpt = "",
-        tolerance: ToleranceOpt = -1.0, bentoml_home: BentoOpt = "runs/bentoml") -> None:
+        period_spec: PeriodOpt = "", tolerance: ToleranceOpt = -1.0,
+        bentoml_home: BentoOpt = "runs/bentoml",
+        runs_dir: Annotated[Path, typer.Option(
+            help="Folder for the log, the kept reports and the runner's working folder.")]
+        = Path("runs"),
+        verbose: Annotated[bool, typer.Option(
+            "--verbose", help="Stream the runner's output instead of logging it.")] = False
+        ) -> None:
     """Run the daily pipeline for one period with KFP's local runner. A period already done
     is skipped: re-gating it would test its own candidate on its own training data."""
-    from pipelines.local import SUMMARY_HEAD, default_work_dir, run_daily, summary_line
+    from pipelines.local import run_periods
     from smlrec.registry import check_period_id
 
     check_period_id(period)  # before anything: a period id is a path component
-    r = run_daily(period, data_uri, state_uri, default_work_dir(), input_file=input_file,
-                  period_spec=_period_spec(period_spec, data_uri), tolerance=tolerance,
-                  bentoml_home=_abs_or_empty(bentoml_home))
-    typer.echo(SUMMARY_HEAD)
-    typer.echo(summary_line(r))
+    spec = _period_spec(period_spec, data_uri)
+    with _console(runs_dir, verbose) as console:
+        run_periods([period], data_uri, state_uri, runs_dir, console, input_file=input_file,
+                    period_spec=spec, tolerance=tolerance,
+                    bentoml_home=_abs_or_empty(bentoml_home))
+
+
+RunsOpt = Annotated[Path, typer.Option(
+    help="Folder for this command's log (logs/), each period's kept reports (reports/<period>/) "
+    "and the runner's working folders while a run is on (kfp/).")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", help="Stream the runner's, Great Expectations' and Feast's output here "
+    "instead of into the log file.")]
+
+
+def _console(runs_dir: Path, verbose: bool):
+    from pipelines.local import Console
+
+    log = runs_dir / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}.log"
+    console = Console(log, verbose)
+    if not verbose:
+        typer.echo(f"log: {log} (--verbose streams it here)")
+    return console
 
 
 @app.command()
@@ -94,21 +119,20 @@ def backfill(start: Annotated[str, typer.Option("--from", help="First period, YY
              end: Annotated[str, typer.Option("--to", help="Last period, inclusive.")],
              data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
              period_spec: PeriodOpt = "", tolerance: ToleranceOpt = -1.0,
-             bentoml_home: BentoOpt = "runs/bentoml") -> None:
+             bentoml_home: BentoOpt = "runs/bentoml", runs_dir: RunsOpt = Path("runs"),
+             verbose: VerboseOpt = False) -> None:
     """Run the daily pipeline for every stored period in a range, in order, skipping the
     periods already done (the embedded schedule; safe to re-run)."""
-    from pipelines.local import SUMMARY_HEAD, default_work_dir, run_daily, summary_line
+    from pipelines.local import run_periods
     from smlrec.data.store import list_periods
 
     periods = [p for p in list_periods(data_uri) if start <= p <= end]
     if not periods:
         raise typer.BadParameter(f"no stored periods between {start} and {end} in {data_uri}")
-    typer.echo(SUMMARY_HEAD)
-    period_spec = _period_spec(period_spec, data_uri)
-    for p in periods:
-        typer.echo(summary_line(run_daily(p, data_uri, state_uri, default_work_dir(),
-                                          period_spec=period_spec, tolerance=tolerance,
-                                          bentoml_home=_abs_or_empty(bentoml_home))))
+    spec = _period_spec(period_spec, data_uri)
+    with _console(runs_dir, verbose) as console:
+        run_periods(periods, data_uri, state_uri, runs_dir, console, period_spec=spec,
+                    tolerance=tolerance, bentoml_home=_abs_or_empty(bentoml_home))
 
 
 def _period_spec(given: str, data_uri: str) -> str:
@@ -202,17 +226,12 @@ def demo(data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
                                                    "periods).")] = 12,
          period_spec: PeriodOpt = "",
          out: Annotated[Path, typer.Option(help="HTML report.")] = Path("runs/report.html"),
-         bentoml_home: BentoOpt = "runs/bentoml") -> None:
+         bentoml_home: BentoOpt = "runs/bentoml", runs_dir: RunsOpt = Path("runs"),
+         verbose: VerboseOpt = False) -> None:
     """The embedded production loop on stored data: bootstrap on the first periods (once),
     then the daily pipeline for every later period in order (skipping finished ones),
-    a table per period and an HTML report of the history."""
-    from pipelines.local import (
-        SUMMARY_HEAD,
-        default_work_dir,
-        run_bootstrap,
-        run_daily,
-        summary_line,
-    )
+    a table row per period and an HTML report of the history."""
+    from pipelines.local import run_bootstrap, run_periods
     from smlrec.config import DailyConfig
     from smlrec.data.store import list_periods
     from smlrec.registry import StateStore
@@ -228,26 +247,31 @@ def demo(data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
     if len(periods) <= until:
         raise typer.BadParameter(f"{data_uri} has {len(periods)} periods; the demo needs more "
                                  f"than {until}")
+    spec = _period_spec(period_spec, data_uri)
     store = StateStore(state_uri)
-    if store.get_pointer("candidate") is None:
-        typer.echo(f"bootstrap: pretrain on {periods[0]}..{periods[cfg.pretrain_periods - 1]}, "
-                   f"meta-train until {periods[until - 1]}; challengers "
-                   f"{', '.join(cfg.names)}; floor pop {cfg.floor.params}"
-                   + (f" (from {config})" if config else ""))
-        run_bootstrap(data_uri, state_uri, periods[until - 1], default_work_dir(),
-                      config_uri=config)
-    period_spec = _period_spec(period_spec, data_uri)
-    typer.echo(SUMMARY_HEAD + "   (* promoted)")
-    for p in periods[until:]:
-        typer.echo(summary_line(run_daily(p, data_uri, state_uri, default_work_dir(),
-                                          period_spec=period_spec,
-                                          bentoml_home=_abs_or_empty(bentoml_home))))
+    start = time.perf_counter()
+    with _console(runs_dir, verbose) as console:
+        if store.get_pointer("candidate") is None:
+            console.echo(f"bootstrap: pretrain on {periods[0]}..{periods[cfg.pretrain_periods - 1]}"
+                         f", meta-train until {periods[until - 1]}; challengers "
+                         f"{', '.join(cfg.names)}; floor pop {cfg.floor.params}"
+                         + (f" (from {config})" if config else ""))
+            work = runs_dir / "kfp" / "bootstrap"
+            run_bootstrap(data_uri, state_uri, periods[until - 1], str(work), config_uri=config)
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+        results = run_periods(periods[until:], data_uri, state_uri, runs_dir, console,
+                              period_spec=spec, bentoml_home=_abs_or_empty(bentoml_home))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(decisions_html(store.decisions(), store.pointer_info("production")))
     prod = store.pointer_info("production")
-    promoted = sum(d.get("decision") == "promote" for d in store.decisions())
-    typer.echo(f"{promoted} of {len(store.decisions())} gates promoted; production model: "
-               + (f"period {prod['period']} ({prod.get('strategy')})" if prod else
-                  "none (the API serves popular items)")
-               + f"; candidate: {store.get_pointer('candidate')}; report: {out}; "
-               f"served by `make serve` from {bentoml_home}")
+    ran = [r for r in results if not r.get("skipped")]
+    promoted = sum(r.get("decision") == "promote" for r in ran)
+    typer.echo(f"{len(ran)} daily runs in {time.perf_counter() - start:.0f} s "
+               f"({len(results) - len(ran)} already done); {promoted} of {len(ran)} gates "
+               "promoted. Serving: "
+               + (f"the {prod.get('strategy')} model of period {prod['period']}" if prod else
+                  "popular items (nothing promoted yet)")
+               + f". Report: {out}; kept reports: {runs_dir / 'reports'}; `make serve` serves "
+               f"what was packaged into {bentoml_home}.")

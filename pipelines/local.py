@@ -151,3 +151,116 @@ def summary_line(r: dict) -> str:
     return (f"{r['period']:<11} {r['decision'] or '-':<8} {serving:<22} {chal:<32} "
             f"{ndcg('incumbent'):>9} {ndcg('popularity'):>7} {users:>5} "
             f"{r['seconds']:7.1f}")
+
+
+class Console:
+    """The user's console while pipelines run: by default everything the runner, Great
+    Expectations, Feast, the tasks and warnings write to the process's stdout and stderr
+    (file descriptors 1 and 2, so task subprocesses too) goes to ``log_path``, and only
+    what is written to ``out`` (the period table, the progress bar) reaches the terminal.
+    With ``verbose`` nothing is redirected."""
+
+    def __init__(self, log_path: Path, verbose: bool = False):
+        self.log_path, self.verbose = Path(log_path), verbose
+        self.out = None
+        self._saved: list[int] = []
+
+    def __enter__(self) -> Console:
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.out = os.fdopen(os.dup(1), "w", buffering=1)
+        if not self.verbose:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._saved = [os.dup(1), os.dup(2)]
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.close(log)
+            # Python-level writers too, where sys.stdout is not file descriptor 1.
+            self._streams = (sys.stdout, sys.stderr)
+            sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
+            sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self._saved:
+            sys.stdout.close()
+            sys.stderr.close()
+            sys.stdout, sys.stderr = self._streams
+        for fd, saved in zip((1, 2), self._saved, strict=False):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self._saved = []
+        self.out.flush()
+        self.out.close()
+
+    def echo(self, line: str = "") -> None:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=self.out)
+
+
+def keep_reports(work_dir: Path, dest: Path) -> list[Path]:
+    """Copy the latest local run's Markdown/HTML reports (validation, features, gate) to
+    ``dest`` (``<task>.md``), so they outlive the runner's working folder."""
+    runs = sorted((work_dir / "outputs").glob("smlrec-daily-*"), key=lambda p: p.stat().st_mtime)
+    kept = []
+    if not runs:
+        return kept
+    dest.mkdir(parents=True, exist_ok=True)
+    for report in runs[-1].rglob("report"):
+        if report.is_file():
+            task = report.parent.name.removesuffix("-op")
+            suffix = ".html" if report.read_bytes()[:15].lower().startswith(b"<!doctype") else ".md"
+            target = dest / f"{task}{suffix}"
+            target.write_bytes(report.read_bytes())
+            kept.append(target)
+    return kept
+
+
+def run_periods(periods: list[str], data_uri: str, state_uri: str, runs_dir: Path,
+                console: Console, **params) -> list[dict]:
+    """The daily pipeline for each period in order, with a progress bar and ETA, one table
+    row per period, each run's reports kept under ``runs_dir/reports/<period>/`` and its
+    working folder removed once it succeeded (a failed run's is kept, and named)."""
+    import shutil
+
+    from tqdm import tqdm
+
+    out = []
+    console.echo(SUMMARY_HEAD + "   (* promoted)")
+    bar = tqdm(total=len(periods), file=console.out, unit="period", desc="daily runs",
+               dynamic_ncols=True, leave=False)
+    for p in periods:
+        bar.set_postfix_str(p)
+        work = runs_dir / "kfp" / p
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "tmp").mkdir(parents=True, exist_ok=True)
+        old_tmp = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(work / "tmp")  # the runner's per-task temporary folders
+        tempfile.tempdir = None
+        try:
+            r = run_daily(p, data_uri, state_uri, str(work), **params)
+        except SmlrecError as exc:
+            bar.close()
+            raise SmlrecError(f"{exc} (the run's files are in {work})") from exc
+        finally:
+            if old_tmp is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = old_tmp
+            tempfile.tempdir = None
+        if not r.get("skipped"):
+            r["reports"] = [str(x) for x in keep_reports(work, runs_dir / "reports" / p)]
+        shutil.rmtree(work, ignore_errors=True)
+        out.append(r)
+        console.echo(summary_line(r))
+        bar.update()
+    bar.close()
+    return out
