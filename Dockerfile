@@ -20,6 +20,8 @@ COPY components ./components
 COPY pipelines ./pipelines
 COPY serving ./serving
 COPY feature_repo ./feature_repo
+# The run configurations (bootstrap with config_uri=configs/<dataset>.yaml).
+COPY configs ./configs
 RUN pip install --no-cache-dir ".[stack]"
 
 ENTRYPOINT []
