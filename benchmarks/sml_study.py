@@ -14,6 +14,7 @@ both figures are saved side by side:
     python -m benchmarks.sml_study                   # SML on MovieLens-100k, 40 trials
     python -m benchmarks.sml_study --method window --trials 30
     python -m benchmarks.sml_study --trials 10 --only synthetic
+    python -m benchmarks.sml_study --method sml-replay --trials 30   # the second SML search
 
 Saves ``benchmarks/results/study-<method>-<dataset>.json`` and ``.md``.
 """
@@ -47,6 +48,30 @@ def suggest_sml(trial) -> dict:
             "blend_window": trial.suggest_categorical("blend_window", [1, 2, 4, 8])}
 
 
+OBJECTIVES = {"bce4": {"loss": "bce", "n_negatives": 4},
+              "softmax1": {"loss": "softmax", "n_negatives": 1}}
+
+
+def suggest_sml_replay(trial, dataset: str = "ml-100k") -> dict:
+    """The second SML search: Ŵ_t trained like the best baselines (more epochs, BCE with 4
+    negatives, optionally replaying the last periods: ``what_window``), and Θ's form,
+    capacity, learning rate and weight decay (which keeps a residual transfer's correction
+    small). The synthetic stream's search keeps ``what_window`` at 1 (its best baseline
+    trains on the new period only, and replay triples the cost)."""
+    windows = [1] if dataset == "synthetic" else [1, 2, 3]
+    return {"transfer": trial.suggest_categorical("transfer", ["residual", "gated"]),
+            "hidden": trial.suggest_categorical("hidden", [8, 32, 128]),
+            "outer_steps": trial.suggest_int("outer_steps", 1, 2),
+            "what_window": trial.suggest_categorical("what_window", windows),
+            "what_epochs": trial.suggest_categorical("what_epochs", [5, 10, 20]),
+            "what_lr": trial.suggest_float("what_lr", 2e-3, 1.2e-2, log=True),
+            "theta_lr": trial.suggest_float("theta_lr", 1e-5, 3e-3, log=True),
+            "theta_weight_decay": trial.suggest_float("theta_weight_decay", 1e-5, 1e-1,
+                                                      log=True),
+            "meta_passes": trial.suggest_int("meta_passes", 1, 2),
+            **OBJECTIVES[trial.suggest_categorical("objective", list(OBJECTIVES))]}
+
+
 def suggest_mf(trial) -> dict:
     """One point of the MF retraining baselines' search space (window, finetune, full)."""
     return {"epochs": trial.suggest_categorical("epochs", [5, 10, 20, 40]),
@@ -61,8 +86,22 @@ def suggest_window(trial) -> dict:
     return {"window": trial.suggest_categorical("window", [2, 3, 4, 6]), **suggest_mf(trial)}
 
 
-SPACES = {"sml": suggest_sml, "window": suggest_window, "finetune": suggest_mf,
-          "full": suggest_mf}
+SPACES = {"sml": suggest_sml, "sml-replay": suggest_sml_replay, "window": suggest_window,
+          "finetune": suggest_mf, "full": suggest_mf}
+# The baselines' settings as SML's step 1, with Θ barely learning (the transfer then is the
+# baseline itself): where the second search starts from, per dataset.
+_AS_WINDOW = {"transfer": "residual", "hidden": 128, "outer_steps": 1, "what_window": 3,
+              "what_epochs": 10, "what_lr": 8e-3, "theta_lr": 1e-5, "theta_weight_decay": 1e-4,
+              "meta_passes": 1, "objective": "bce4"}
+_AS_FINETUNE = {**_AS_WINDOW, "what_window": 1, "what_epochs": 20, "what_lr": 3e-3}
+KNOWN_BY_DATASET = {
+    ("sml-replay", "ml-100k"): [_AS_WINDOW, _AS_FINETUNE,
+                                {**_AS_WINDOW, "theta_lr": 6e-4},
+                                {**_AS_FINETUNE, "theta_lr": 6e-4}],
+    ("sml-replay", "synthetic"): [_AS_FINETUNE, {**_AS_FINETUNE, "theta_lr": 1e-4},
+                                  {**_AS_FINETUNE, "theta_weight_decay": 1e-2,
+                                   "theta_lr": 6e-4}],
+}
 KNOWN = {  # enqueued first: the paper's configuration, the study's earlier findings
     "sml": [{"transfer": "official", "hidden": 512, "outer_steps": 3, "what_epochs": 1,
              "what_lr": 1e-2, "theta_lr": 1e-3, "meta_passes": 1, "n_negatives": 1,
@@ -100,9 +139,23 @@ def score(frame, method: str, params_list: list[dict], cfg: bt.BacktestConfig, c
     return out
 
 
-def study(name: str, method: str, trials: int, timeout: float, seeds: tuple[int, ...],
+def _flat(point: dict) -> dict:
+    """A search point as the method's flat parameters (``objective`` expanded)."""
+    point = dict(point)
+    return {**point, **OBJECTIVES[point.pop("objective")]} if "objective" in point else point
+
+
+def study(name: str, space: str, trials: int, timeout: float, seeds: tuple[int, ...],
           device: str) -> dict:
+    """Search ``space`` (a key of SPACES; its method is the part before any ``-``)."""
+    import inspect
+
     import optuna
+
+    method = space.split("-")[0]
+    suggest = SPACES[space]
+    takes_dataset = "dataset" in inspect.signature(suggest).parameters
+    known_points = KNOWN_BY_DATASET.get((space, name)) or KNOWN[space]
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     frame = read_periods(prepare(name))
@@ -112,12 +165,12 @@ def study(name: str, method: str, trials: int, timeout: float, seeds: tuple[int,
     records = []
     sampler = optuna.samplers.TPESampler(seed=0, multivariate=True, n_startup_trials=8)
     st = optuna.create_study(direction="maximize", sampler=sampler)
-    for known in KNOWN[method]:
+    for known in known_points:
         st.enqueue_trial(known)
 
     def objective(trial) -> float:
         start = time.perf_counter()
-        params = SPACES[method](trial)
+        params = suggest(trial, name) if takes_dataset else suggest(trial)
         res = score(frame, method, [params], cfg, cache)[0]
         res["trial"] = trial.number
         res["seconds"] = time.perf_counter() - start
@@ -132,14 +185,21 @@ def study(name: str, method: str, trials: int, timeout: float, seeds: tuple[int,
     # The named variants, now through the test periods (reported, never chosen on).
     ranked = sorted(records, key=lambda r: -np.nan_to_num(r["val"], nan=-1))
     variants = {"best trial": ranked[0]["params"]}
-    if method == "sml":
+    if space == "sml-replay":
+        variants = {"the best baseline's training as step 1, Θ barely learning":
+                    _flat(known_points[0]), **variants}
+        for form in ("residual", "gated"):
+            best = next((r for r in ranked if r["params"]["transfer"] == form), None)
+            if best is not None:
+                variants[f"best {form} trial"] = best["params"]
+    elif method == "sml":
         variants = {"paper (official CNN, 1 negative)": KNOWN["sml"][0], **variants}
         for form in ("official", "residual", "gated"):
             best = next((r for r in ranked if r["params"]["transfer"] == form), None)
             if best is not None:
                 variants[f"best {form} trial"] = best["params"]
     else:
-        variants = {"first trial (the quality study's)": KNOWN[method][0], **variants,
+        variants = {"first trial (the quality study's)": _flat(known_points[0]), **variants,
                     "second best trial": ranked[1]["params"] if len(ranked) > 1 else None}
     unique: dict[str, list[str]] = {}
     for label, params in variants.items():
@@ -153,7 +213,7 @@ def study(name: str, method: str, trials: int, timeout: float, seeds: tuple[int,
         print(f"{' / '.join(f['variants']):<45} val {f['val']:.4f}  test {f['test']:.4f} "
               f"±{f['test_sd']:.4f} (λ={f['blend']}); no blend: val {f['val_no_blend']:.4f} "
               f"test {f['test_no_blend']:.4f}")
-    return {"dataset": name, "method": method, "seeds": list(seeds), "trials": records,
+    return {"dataset": name, "method": space, "seeds": list(seeds), "trials": records,
             "final": final}
 
 
@@ -187,7 +247,10 @@ def markdown(out: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["ml-100k", "synthetic"], default="ml-100k")
-    ap.add_argument("--method", choices=list(SPACES), default="sml")
+    ap.add_argument("--method", choices=list(SPACES), default="sml",
+                    help="the search space: sml (the first SML search), sml-replay (the "
+                    "second: baseline-like step 1, replay, Θ's capacity and decay), or a "
+                    "baseline's (window, finetune, full)")
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--timeout", type=float, default=None, help="seconds for the search")
     ap.add_argument("--seeds", default="0,1,2")

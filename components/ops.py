@@ -129,15 +129,17 @@ def meta_update_op(period: str, state_uri: str, training_frame: Input[Dataset],
 
 
 @component
-def learn_op(state_uri: str, training_frame: Input[Dataset], state_in: Input[Model],
-             state: Output[Model], metrics: Output[Metrics]):
-    """SML step 1: learn Ŵ_t on D_t alone, through the transfer, with Θ fixed."""
+def learn_op(state_uri: str, data_uri: str, training_frame: Input[Dataset],
+             state_in: Input[Model], state: Output[Model], metrics: Output[Metrics]):
+    """SML step 1: learn Ŵ_t on D_t (and the periods before it the configuration's
+    what_window replays), through the transfer, with Θ fixed."""
     import pandas as pd
 
     from smlrec.daily import learn_step, task_config
 
     cfg = task_config(state_uri)
-    out = learn_step(pd.read_parquet(training_frame.path), state_in.path, cfg, state.path)
+    out = learn_step(pd.read_parquet(training_frame.path), state_in.path, cfg, state.path,
+                     data_uri)
     for key in ("what_loss", "seconds"):
         metrics.log_metric(f"learn_{key}", float(out[key]))
 

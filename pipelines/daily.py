@@ -102,7 +102,8 @@ def build_daily_pipeline(for_cluster: bool = True):
                        stage="production", data_uri=data_uri).set_caching_options(False)
         meta = _train_task(meta_update_op(period=period, state_uri=state_uri,
                                           training_frame=frame).after(gate))
-        learn = _train_task(learn_op(state_uri=state_uri, training_frame=frame,
+        learn = _train_task(learn_op(state_uri=state_uri, data_uri=data_uri,
+                                     training_frame=frame,
                                      state_in=meta.outputs["state"]))
         others = _train_task(challengers_op(period=period, data_uri=data_uri,
                                             state_uri=state_uri, training_frame=frame)

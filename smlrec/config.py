@@ -57,6 +57,10 @@ class SMLConfig(_Config):
     what_batch_size: int = Field(1024, gt=0, description="Step 1: positives per batch.")
     what_epochs: int = Field(1, ge=1, description="Step 1: passes over D_t per outer step.")
     what_l2: float = Field(1e-6, ge=0, description="Step 1: λ1, L2 on the Ŵ_t rows of a batch.")
+    what_window: int = Field(
+        1, ge=1, description="Step 1 learns Ŵ_t on the last n periods, D_t and the n - 1 "
+        "before it (1: D_t alone, the paper). More than 1 replays recent data, as the sliding "
+        "window does; step 2 always learns Θ on D_t alone.")
     theta_lr: float = Field(1e-3, gt=0, description="Step 2: Adam learning rate for Θ.")
     theta_batch_size: int = Field(256, gt=0, description="Step 2: positives per batch.")
     theta_epochs: int = Field(1, ge=1, description="Step 2: passes over D_t per outer step.")

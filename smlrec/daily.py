@@ -46,6 +46,7 @@ from smlrec.strategies import (
     PeriodData,
     Strategy,
     build_strategy,
+    concat,
     extra_meta_passes,
     popularity_window,
     pretrain,
@@ -214,7 +215,7 @@ def _begin(sml: SML, d: PeriodData, users: Vocab, items: Vocab) -> None:
         sml.begin_period(d, len(users), len(items))
         sml._known = known
     else:  # resuming in a later task: tables are already grown, keep step 2's row filter
-        sml._d = d
+        sml._d = sml._train = d
         sml._old_rows = (d.users < known[0]) & (d.items < known[1])
         sml._theta_losses, sml._what_losses = [], []
 
@@ -408,11 +409,19 @@ def _resume(frame: pd.DataFrame, in_url: str, cfg: DailyConfig
     return sml, users, items, meta
 
 
-def learn_step(frame: pd.DataFrame, in_url: str, cfg: DailyConfig, out_url: str) -> dict:
-    """Step 1 (and the remaining outer steps): learn Ŵ_t on D_t; save to ``out_url``."""
+def learn_step(frame: pd.DataFrame, in_url: str, cfg: DailyConfig, out_url: str,
+               data_root: str = "") -> dict:
+    """Step 1 (and the remaining outer steps): learn Ŵ_t on D_t (and, with ``what_window``
+    above 1, on the stored periods before it, read from ``data_root``); save to ``out_url``."""
     start = time.perf_counter()
     sml, users, items, meta = _resume(frame, in_url, cfg)
     period_id = meta["period_id"]
+    if sml.cfg.what_window > 1:
+        if not data_root:
+            raise SmlrecError(f"sml learns Ŵ_t on its last {sml.cfg.what_window} periods "
+                              "(what_window); the learn step needs the data store (data_root)")
+        replay = _history(data_root, period_id, sml.cfg.what_window - 1, users, items)
+        sml._train = PeriodData(period_id, *concat([*replay, sml._d]))
     sml.learn()
     save_sml(out_url, sml, users, items, base_period=meta["base_period"], period_id=period_id)
     return {"what_loss": _mean(sml._what_losses), "seconds": time.perf_counter() - start}
@@ -489,7 +498,7 @@ def run_period(data_root: str, store: StateStore, period_id: str, cfg: DailyConf
     times["gate"] = time.perf_counter() - start
     frame = read_period(data_root, period_id)
     out["meta_update"] = meta_update_step(frame, store, period_id, cfg, f"{work_dir}/meta")
-    out["learn"] = learn_step(frame, f"{work_dir}/meta", cfg, f"{work_dir}/learn")
+    out["learn"] = learn_step(frame, f"{work_dir}/meta", cfg, f"{work_dir}/learn", data_root)
     out["challengers"] = challengers_step(frame, data_root, store, period_id, cfg,
                                           f"{work_dir}/others")
     out["transfer"] = transfer_step(frame, f"{work_dir}/learn", store, cfg, data_root,

@@ -313,10 +313,11 @@ class SML(Strategy):
         self.periods_seen = 0
 
     def periods_needed(self) -> int | None:
-        return max(2 if self.cfg.schedule == "official" else 1, super().periods_needed())
+        return max(2 if self.cfg.schedule == "official" else 1, self.cfg.what_window,
+                   super().periods_needed())
 
     def _update(self, history: list[PeriodData], n_users: int, n_items: int) -> dict:
-        self.begin_period(history[-1], n_users, n_items)
+        self.begin_period(history[-1], n_users, n_items, self.replayed(history[:-1]))
         if self.cfg.schedule == "official":
             self._official_rounds(history[-2] if len(history) > 1 else None)
         else:
@@ -327,10 +328,19 @@ class SML(Strategy):
     # The daily pipeline runs these steps as separate tasks: begin_period, meta_update,
     # learn, transfer (``update`` is exactly that sequence for the per-period schedule).
 
-    def begin_period(self, d: PeriodData, n_users: int, n_items: int) -> None:
-        """Start period t: grow every table to the current vocabulary sizes."""
+    def replayed(self, earlier: list[PeriodData]) -> list[PeriodData]:
+        """The periods before D_t that step 1 trains on beside it (``what_window`` - 1 of
+        the newest of ``earlier``)."""
+        n = self.cfg.what_window - 1
+        return earlier[len(earlier) - n:] if n > 0 else []
+
+    def begin_period(self, d: PeriodData, n_users: int, n_items: int,
+                     replay: list[PeriodData] | None = None) -> None:
+        """Start period t: grow every table to the current vocabulary sizes. Step 1 will
+        train on D_t and the ``replay`` periods (see ``SMLConfig.what_window``)."""
         known_users, known_items = self.w_hat_prev.n_users, self.w_hat_prev.n_items
         self._d = d
+        self._train = d if not replay else PeriodData(d.period, *concat([*replay, d]))
         # Step 2 learns from rows that existed at t-1 (new ids have no Ŵ_{t-1} to judge).
         self._old_rows = (d.users < known_users) & (d.items < known_items)
         gen = self._generator()
@@ -357,7 +367,7 @@ class SML(Strategy):
             if k > 0:
                 self.meta_update()
                 w_hat = self.theta.apply_all(self.w, w_hat)
-            w_hat = self._learn_what(self.w, w_hat, self._d)
+            w_hat = self._learn_what(self.w, w_hat, self._train)
         self._w_hat = w_hat
         return w_hat
 
@@ -380,7 +390,7 @@ class SML(Strategy):
                 self.w_hat_prev = self._learn_what(self.w_prev, start, prev_d)
         if self.periods_seen:
             self.w = self.theta.apply_all(self.w_prev, self.w_hat_prev)
-        self._w_hat = self._learn_what(self.w, self.w.clone(), self._d)
+        self._w_hat = self._learn_what(self.w, self.w.clone(), self._train)
 
     def _learn_what(self, w_old: MFWeights, start: MFWeights, d: PeriodData) -> MFWeights:
         """Step 1 on ``d`` through f_Θ(w_old, ·), from ``start``."""

@@ -329,6 +329,26 @@ def test_sml_grows_tables_for_new_ids_and_shifts_its_state():
     assert torch.isfinite(s.weights().user).all()
 
 
+def test_sml_what_window_replays_the_last_periods_in_step_1():
+    """what_window = 2: Ŵ_t learns from D_t and D_{t-1}, so a user seen only in D_{t-1}
+    gets a new Ŵ row; with what_window = 1 (the paper) that row stays W_{t-1}'s."""
+    periods = _toy_periods(n_users=30, n_items=20)
+    earlier = PeriodData("a", np.array([29, 29, 29, 1]), np.array([3, 4, 5, 6]))
+    latest = PeriodData("b", np.array([0, 1, 2, 3]), np.array([1, 2, 3, 4]))
+    w0 = pretrain(periods[:1], 30, 20, MFConfig(epochs=1), LossConfig(), seed=0, dim=8)
+    rows = {}
+    for window in (1, 2):
+        s = SML(sml=SMLConfig(outer_steps=1, transfer="residual", hidden=8,
+                              what_window=window), seed=0)
+        assert s.periods_needed() >= window
+        s.start(w0)
+        s.update([periods[0], earlier, latest], 30, 20)
+        rows[window] = s.w_hat_prev.user[29]
+        assert len(s._train) == 4 * window
+    assert torch.equal(rows[1], w0.user[29])
+    assert not torch.equal(rows[2], w0.user[29])
+
+
 def test_popularity_ranks_last_period_counts():
     s = Popularity()
     s.start(None)

@@ -141,3 +141,33 @@ def test_the_daily_run_produces_the_backtests_models(booted, stream, tmp_path):
         w = run.strategies[(CFG.seed, name, 0)].weights()
         assert torch.equal(w.user, tensors[f"serve.{name}.user"]), name
         assert torch.equal(w.item, tensors[f"serve.{name}.item"]), name
+
+
+def test_sml_replaying_recent_periods_matches_the_backtest_too(stream, tmp_path):
+    """Parity for SML's step 1 on its last periods (what_window = 2, residual transfer): the
+    learn task reads the replayed period from the data store, the backtest from its history,
+    and both end with the same served tables, bit for bit."""
+    cfg = CFG.model_copy(update={"challengers": [MethodSpec(method="sml", params={
+        "what_window": 2, "transfer": "residual", "hidden": 16, "outer_steps": 2,
+        "blend": 0.5})]})
+    periods = list_periods(stream)
+    store = StateStore(str(tmp_path / "state"))
+    bootstrap(stream, store, cfg, periods[5])
+    for p in periods[6:8]:
+        run_period(stream, store, p, cfg, str(tmp_path / p))
+    run = bt.run_backtest(read_periods(stream, periods[:8]), bt.BacktestConfig(
+        methods=["sml"], seeds=(cfg.seed,), blends=(), progress=False,
+        grids={"sml": [cfg.challengers[0].params]},
+        split=bt.Split(pretrain=3, meta=3, val=1, test=1), sml=cfg.sml, loss=cfg.loss,
+        mf_lr=cfg.mf.lr, pretrain_lr=cfg.pretrain_lr, pretrain_epochs=cfg.pretrain_epochs),
+        log=lambda _: None)
+    tensors, _, _, _ = store.load_period(periods[7])
+    w = run.strategies[(cfg.seed, "sml", 0)].weights()
+    assert torch.equal(w.user, tensors["serve.sml.user"])
+    assert torch.equal(w.item, tensors["serve.sml.item"])
+    # Without the data store the learn step cannot replay, and says so.
+    with pytest.raises(SmlrecError, match="needs the data store"):
+        from smlrec.daily import learn_step, meta_update_step
+        frame = read_periods(stream, [periods[8]])
+        meta_update_step(frame, store, periods[8], cfg, str(tmp_path / "m"))
+        learn_step(frame, str(tmp_path / "m"), cfg, str(tmp_path / "l"))
