@@ -74,6 +74,10 @@ class SMLConfig(_Config):
         "is the new row (no residual); residual: Ŵ_t + CNN(·), the CNN's last layer starting "
         "at zero, so the transfer starts as fine-tuning; gated: g ⊙ W_{t-1} + (1 - g) ⊙ Ŵ_t "
         "+ CNN(·), with a per-dimension gate g read from the same 3 x d grid.")
+    transfer_rows: Literal["all", "trained"] = Field(
+        "all", description="all: W_t = f_Θ(W_{t-1}, Ŵ_t) for every row (the paper); trained: "
+        "only for the rows step 1 trained, the others keep W_{t-1} (residual or gated "
+        "transfer only), so a row with no new data is not corrected again every period.")
     hidden: int = Field(512, ge=4, description="Width of the transfer's hidden layer "
                         "(the paper: 512).")
     meta_passes: int = Field(

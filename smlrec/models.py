@@ -169,23 +169,43 @@ def reset_parameters(module: nn.Module, generator: torch.Generator | None) -> No
 
 
 class Transfer(nn.Module):
-    """Θ: separate transfer networks for user rows and item rows."""
+    """Θ: separate transfer networks for user rows and item rows.
+
+    ``rows="trained"`` transfers only the rows step 1 trained (where Ŵ_t differs from
+    W_{t-1}); every other row keeps W_{t-1}'s value. A row with no new data then stays as it
+    is however many periods go by, instead of receiving the transfer's correction once per
+    period (which step 2 never trained for: it sees the correction applied once). Only for
+    the residual and gated forms, whose output lives in the input's space."""
 
     def __init__(self, dim: int = DIM, hidden: int = 512, kind: str = "official",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, rows: str = "all"):
         super().__init__()
+        if rows not in ("all", "trained"):
+            raise ValueError(f"unknown transfer rows {rows!r}: all or trained")
+        if rows == "trained" and kind == "official":
+            raise ValueError("rows='trained' needs a residual or gated transfer: the official "
+                             "transfer's output is not in the space of the rows it keeps")
+        self.trained_only = rows == "trained"
         self.user = TransferNet(dim, hidden, kind, generator)
         self.item = TransferNet(dim, hidden, kind, generator)
+
+    def rows(self, net: TransferNet, a: Tensor, b: Tensor) -> Tensor:
+        """f_Θ(a, b) for rows of one kind (``net``), keeping ``a`` where ``b`` is ``a``
+        when only trained rows are transferred."""
+        out = net(a, b)
+        if self.trained_only:
+            out = torch.where((a != b).any(-1, keepdim=True), out, a)
+        return out
 
     @torch.no_grad()
     def apply_all(self, old: MFWeights, new: MFWeights, chunk: int = 65536) -> MFWeights:
         """W_t = f_Θ(W_{t-1}, Ŵ_t) for every user and item row (no gradient)."""
-        return MFWeights(_chunked(self.user, old.user, new.user, chunk),
-                         _chunked(self.item, old.item, new.item, chunk))
+        return MFWeights(self._chunked(self.user, old.user, new.user, chunk),
+                         self._chunked(self.item, old.item, new.item, chunk))
 
-
-def _chunked(net: TransferNet, a: Tensor, b: Tensor, chunk: int) -> Tensor:
-    if a.shape != b.shape:
-        raise ValueError(f"transfer inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return torch.cat([net(a[s:s + chunk], b[s:s + chunk]) for s in range(0, len(a), chunk)]
-                     or [a.new_zeros(0, a.shape[1])])
+    def _chunked(self, net: TransferNet, a: Tensor, b: Tensor, chunk: int) -> Tensor:
+        if a.shape != b.shape:
+            raise ValueError(f"transfer inputs differ in shape: {tuple(a.shape)} vs "
+                             f"{tuple(b.shape)}")
+        return torch.cat([self.rows(net, a[s:s + chunk], b[s:s + chunk])
+                          for s in range(0, len(a), chunk)] or [a.new_zeros(0, a.shape[1])])

@@ -301,7 +301,8 @@ class SML(Strategy):
         self.rewind(w0)
 
     def _new_theta(self, dim: int, generator: torch.Generator | None = None) -> Transfer:
-        return Transfer(dim, self.cfg.hidden, self.cfg.transfer, generator).to(self.device)
+        return Transfer(dim, self.cfg.hidden, self.cfg.transfer, generator,
+                        self.cfg.transfer_rows).to(self.device)
 
     def rewind(self, w0: MFWeights) -> None:
         """Restart the chain from W_0, keeping Θ and its optimiser state (one more pass over

@@ -252,8 +252,12 @@ def _transfer_rows(theta: Transfer, old: MFWeights, new: MFWeights, b: Batch,
     users, uinv = torch.unique(b.users, return_inverse=True)
     items, iinv = torch.unique(torch.cat([b.pos, flat_neg]), return_inverse=True)
     hu, hi = gather(new.user, users), gather(new.item, items)
-    u = theta.user(old.user[users], hu)[uinv]
-    rows = theta.item(old.item[items], hi)[iinv]
+    if gather is _rows:  # step 1: every row of the batch is being trained
+        u = theta.user(old.user[users], hu)[uinv]
+        rows = theta.item(old.item[items], hi)[iinv]
+    else:  # step 2: the rows as the transfer served them
+        u = theta.rows(theta.user, old.user[users], hu)[uinv]
+        rows = theta.rows(theta.item, old.item[items], hi)[iinv]
     p = rows[: len(b.pos)]
     n, neg = _negatives(u, rows[len(b.pos):], b, cfg)
     sq = hu.pow(2).sum(-1)[uinv].sum() + hi.pow(2).sum(-1)[iinv].sum()

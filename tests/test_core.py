@@ -349,6 +349,28 @@ def test_sml_what_window_replays_the_last_periods_in_step_1():
     assert not torch.equal(rows[2], w0.user[29])
 
 
+def test_transfer_of_trained_rows_only_keeps_the_untrained_rows():
+    """rows='trained': rows step 1 did not touch (Ŵ_t = W_{t-1}) keep W_{t-1} exactly, the
+    others go through f_Θ; the official transfer refuses the option."""
+    gen = torch.Generator().manual_seed(0)
+    theta = Transfer(8, 16, "residual", gen, rows="trained")
+    with torch.no_grad():
+        for p in theta.parameters():
+            p.add_(0.1)  # a non-zero correction
+    old = MFWeights.random(6, 5, 8, gen)
+    new = old.clone()
+    new.user[:2] += 0.5
+    new.item[4] -= 0.5
+    out = theta.apply_all(old, new)
+    assert torch.equal(out.user[2:], old.user[2:]) and torch.equal(out.item[:4], old.item[:4])
+    full = Transfer(8, 16, "residual", torch.Generator().manual_seed(0))
+    full.load_state_dict(theta.state_dict())
+    assert torch.allclose(out.user[:2], full.apply_all(old, new).user[:2])
+    assert not torch.equal(full.apply_all(old, new).user[2:], old.user[2:])
+    with pytest.raises(ValueError, match="residual or gated"):
+        Transfer(8, 16, "official", rows="trained")
+
+
 def test_popularity_ranks_last_period_counts():
     s = Popularity()
     s.start(None)
