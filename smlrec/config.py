@@ -126,6 +126,11 @@ class DailyConfig(_Config):
     mf: MFConfig = Field(default_factory=MFConfig, description="MF retraining defaults.")
     tolerance: float = Field(0.05, ge=0, lt=1, description="Gate: a challenger may be this "
                              "much (relative) below the incumbent's NDCG@20 and still promote.")
+    incumbent_test: Literal["bootstrap", "point"] = Field(
+        "bootstrap", description="Gate: how 'worse than the incumbent beyond the tolerance' "
+        "is judged. bootstrap: the whole 95% paired bootstrap interval of challenger / "
+        "incumbent over the period's users lies below 1 - tolerance; point: the point "
+        "estimate does.")
     pretrain_periods: int = Field(10, ge=1, description="Bootstrap: periods W_0 trains on.")
     pretrain_epochs: int = Field(20, ge=1, description="Bootstrap: MF epochs for W_0.")
     pretrain_lr: float = Field(1e-2, gt=0, description="Bootstrap: Adam learning rate for W_0.")

@@ -332,13 +332,21 @@ def gate(data_root: str, store: StateStore, period_id: str, cfg: DailyConfig) ->
         r = metrics.paired_bootstrap([a], [b], seed=cfg.seed)
         intervals[name] = {"ratio": r["ratio"], "ci95": [r["low"], r["high"]]}
     incumbent = scores.get("incumbent")
+    vs_incumbent = {}
+    if incumbent_model is not None and cfg.incumbent_test == "bootstrap":
+        for name in names:
+            a, b = _aligned(per_user[name], per_user["incumbent"])
+            r = metrics.paired_bootstrap([a], [b], seed=cfg.seed)
+            vs_incumbent[name] = {"ratio": r["ratio"], "ci95": [r["low"], r["high"]]}
     if prod_id == cand_id:  # re-running a period whose candidate was already promoted
         incumbent = scores.get(prod_strategy or names[0])
     result = decide({n: scores[n] for n in names}, incumbent, scores["popularity"],
-                    cfg.tolerance)
+                    cfg.tolerance, vs_incumbent={n: v["ci95"] for n, v in vs_incumbent.items()}
+                    if prod_id != cand_id else None)
     result.extra = {"period": period_id, "candidate_period": cand_id,
                     "incumbent_period": prod_id, "incumbent_strategy": prod_strategy,
-                    "vs_floor": intervals, "n_users": scores["popularity"]["n_users"]}
+                    "vs_floor": intervals, "vs_incumbent": vs_incumbent,
+                    "n_users": scores["popularity"]["n_users"]}
     # Write-ahead: the decision is logged before it takes effect, so a crash in between
     # leaves a logged decision that the re-run applies, never a promotion without a record.
     # A re-run of the same gate (same period, same candidate) does not log it twice.
@@ -350,6 +358,7 @@ def gate(data_root: str, store: StateStore, period_id: str, cfg: DailyConfig) ->
             "best": result.best, "candidate": cand_id, "challengers": names,
             "incumbent": prod_id, "incumbent_strategy": prod_strategy,
             "reasons": result.reasons, "scores": scores, "vs_floor": intervals,
+            "vs_incumbent": vs_incumbent,
             "n_users": scores["popularity"]["n_users"],
             "n_interactions": scores["popularity"]["n_interactions"],
             "floor": cfg.floor.model_dump(), "tolerance": cfg.tolerance})

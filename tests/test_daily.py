@@ -90,6 +90,10 @@ def test_a_worse_candidate_is_rejected_and_the_incumbent_kept(booted, stream, tm
     store.save_period(periods[6], tensors, meta, users, items)
     result = gate(stream, store, periods[7], CFG)
     assert not result.accept and result.decision == "reject" and result.strategy is None
+    # Each challenger was also compared with the incumbent, user by user (paired bootstrap).
+    logged = store.decisions()[-1]["vs_incumbent"]
+    assert set(logged) == {"sml", "window"}
+    assert all(v["ci95"][0] <= v["ratio"] <= v["ci95"][1] for v in logged.values())
     assert store.pointer_info("production")["period"] == prod["period"]  # incumbent kept
     assert store.pointer_info("production")["strategy"] == prod["strategy"]
     # Every challenger continues its own chain, as in the backtest; the gate decides only

@@ -64,3 +64,16 @@ def test_tolerance_is_checked_and_decision_serialises():
         decide({}, None, m(0.1))
     d = decide(one(m(0.2)), m(0.2), m(0.1)).to_dict()
     assert d["decision"] == "promote" and d["incumbent"] == m(0.2) and d["strategy"] == "sml"
+
+
+def test_with_an_interval_only_a_challenger_shown_worse_than_the_incumbent_is_refused():
+    # 0.15 vs 0.20 is 25% below, but the interval reaches 1.02: not shown worse.
+    d = decide(one(m(0.15)), m(0.20), m(0.10), tolerance=0.05, vs_incumbent={"sml": [0.6, 1.02]})
+    assert d.accept and "not shown worse" in d.reasons[-1]
+    # The whole interval below 0.95: refused, and the reason quotes it.
+    d = decide(one(m(0.19)), m(0.20), m(0.10), tolerance=0.05, vs_incumbent={"sml": [0.8, 0.94]})
+    assert not d.accept and "[0.80, 0.94]" in d.reasons[-1]
+    # The floor is still a point comparison; an unusable interval falls back to points.
+    assert not decide(one(m(0.09)), m(0.20), m(0.10), vs_incumbent={"sml": [0.1, 2.0]}).accept
+    assert not decide(one(m(0.15)), m(0.20), m(0.10),
+                      vs_incumbent={"sml": [math.nan, math.nan]}).accept
