@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -142,12 +143,38 @@ def score(frame, method: str, params_list: list[dict], cfg: bt.BacktestConfig, c
 def _flat(point: dict) -> dict:
     """A search point as the method's flat parameters (``objective`` expanded)."""
     point = dict(point)
-    return {**point, **OBJECTIVES[point.pop("objective")]} if "objective" in point else point
+    if "objective" not in point:
+        return point
+    objective = point.pop("objective")
+    return {**point, **OBJECTIVES[objective]}
+
+
+_TRIAL_LINE = re.compile(r"^trial\s+(\d+)\s+val ([-\d.na]+) ±([-\d.na]+) \(λ=([-\d.]+), "
+                         r"no blend ([-\d.na]+)\)\s+(\d+) s\s+(\{.*\})$")
+
+
+def read_trials(path: str) -> list[dict]:
+    """The trials a search printed (its log), to run the final step again without searching
+    again (e.g. after the final step failed)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        m = _TRIAL_LINE.match(line.strip())
+        if m:
+            out.append({"trial": int(m[1]), "val": float(m[2]), "val_sd": float(m[3]),
+                        "blend": float(m[4]), "val_no_blend": float(m[5]),
+                        "seconds": float(m[6]), "params": json.loads(m[7]),
+                        "test": float("nan"), "test_sd": float("nan"),
+                        "test_no_blend": float("nan")})
+    if not out:
+        raise SystemExit(f"{path}: no trial lines found")
+    return out
 
 
 def study(name: str, space: str, trials: int, timeout: float, seeds: tuple[int, ...],
-          device: str) -> dict:
-    """Search ``space`` (a key of SPACES; its method is the part before any ``-``)."""
+          device: str, trials_from: str | None = None) -> dict:
+    """Search ``space`` (a key of SPACES; its method is the part before any ``-``), or read
+    the trials of an earlier search's log (``trials_from``), then run the named variants
+    through the test periods."""
     import inspect
 
     import optuna
@@ -180,7 +207,10 @@ def study(name: str, space: str, trials: int, timeout: float, seeds: tuple[int, 
               f"{res['seconds']:5.0f} s  {json.dumps(params)}", flush=True)
         return res["val"]
 
-    st.optimize(objective, n_trials=trials, timeout=timeout)
+    if trials_from:
+        records = read_trials(trials_from)
+    else:
+        st.optimize(objective, n_trials=trials, timeout=timeout)
 
     # The named variants, now through the test periods (reported, never chosen on).
     ranked = sorted(records, key=lambda r: -np.nan_to_num(r["val"], nan=-1))
@@ -255,12 +285,15 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=None, help="seconds for the search")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--trials-from", metavar="LOG", help="skip the search: read the trials "
+                    "an earlier run printed (its log) and run only the final, test step")
     args = ap.parse_args()
     configure_threads()
     device = pick_device(args.device)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     out = {"hardware": hardware(device),
-           **study(args.only, args.method, args.trials, args.timeout, seeds, str(device))}
+           **study(args.only, args.method, args.trials, args.timeout, seeds, str(device),
+                    args.trials_from)}
     path = RESULTS / f"study-{args.method}-{args.only}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     md = Path(str(path).removesuffix(".json") + ".md")

@@ -83,7 +83,9 @@ class Split(_Config):
 # from an earlier study on MovieLens-100k's validation weeks; the window's faster schedule
 # from the window study; SML's residual softmax variant from the first SML study; SML with
 # the best baselines' training as step 1 (fine-tuning's 20 epochs on the new period; the
-# window's 10 epochs replaying three periods) from the second (sml-replay). The paper's
+# window's 10 epochs replaying three periods, and that search's best trial: a small
+# transfer, two outer steps of 5 epochs over three periods) from the second (sml-replay).
+# The paper's
 # configuration ({}) stays in the grid.
 _MF = {"lr": 3e-3, "n_negatives": 4}
 _SML_AS_BASELINE = {"transfer": "residual", "hidden": 128, "outer_steps": 1, "n_negatives": 4}
@@ -93,7 +95,10 @@ DEFAULT_GRIDS: dict[str, list[dict]] = {
              "what_epochs": 2, "what_lr": 0.017, "theta_lr": 6e-4, "meta_passes": 2},
             {**_SML_AS_BASELINE, "what_epochs": 20, "what_lr": 3e-3, "theta_lr": 1e-4},
             {**_SML_AS_BASELINE, "what_window": 3, "what_epochs": 10, "what_lr": 8e-3,
-             "theta_lr": 1e-5}],
+             "theta_lr": 1e-5},
+            {**_SML_AS_BASELINE, "hidden": 8, "outer_steps": 2, "what_window": 3,
+             "what_epochs": 5, "what_lr": 9.7e-3, "theta_lr": 2.4e-5,
+             "theta_weight_decay": 3.4e-5}],
     "full": [{"epochs": 1, **_MF}, {"epochs": 5, **_MF}],
     "finetune": [{"epochs": 5, **_MF}, {"epochs": 20, **_MF}],
     "window": [{"window": 3, "epochs": 20, **_MF},
