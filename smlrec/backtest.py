@@ -85,8 +85,7 @@ class Split(_Config):
 # the best baselines' training as step 1 (fine-tuning's 20 epochs on the new period; the
 # window's 10 epochs replaying three periods, and that search's best trial: a small
 # transfer, two outer steps of 5 epochs over three periods) from the second (sml-replay).
-# The paper's
-# configuration ({}) stays in the grid.
+# The paper's configuration ({}) stays in the grid.
 _MF = {"lr": 3e-3, "n_negatives": 4}
 _SML_AS_BASELINE = {"transfer": "residual", "hidden": 128, "outer_steps": 1, "n_negatives": 4}
 DEFAULT_GRIDS: dict[str, list[dict]] = {
