@@ -96,15 +96,18 @@ def gate_op(period: str, data_uri: str, state_uri: str, tolerance: float,
     metrics.log_metric("users_scored", float(result.extra.get("n_users", 0)))
     lines = [f"# Gate for {period}: {result.decision}"
              + (f" ({result.strategy})" if result.strategy else ""), "",
-             "| model | NDCG@20 | Recall@20 | users | NDCG@20 / floor [95% CI] |",
-             "|---|---|---|---|---|"]
+             "| model | NDCG@20 | Recall@20 | users | NDCG@20 / floor [95% CI] | "
+             "NDCG@20 / incumbent [95% CI] |",
+             "|---|---|---|---|---|---|"]
     for name, values in named.items():
         if values is None:
             continue
         vs = result.extra.get("vs_floor", {}).get(name)
-        ci = (f"{vs['ratio']:.2f} [{vs['ci95'][0]:.2f}, {vs['ci95'][1]:.2f}]" if vs else "-")
+        vi = result.extra.get("vs_incumbent", {}).get(name)
+        ci, ci_inc = (f"{v['ratio']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" if v else "-"
+                      for v in (vs, vi))
         lines.append(f"| {name} | {values['ndcg@20']:.4f} | {values['recall@20']:.4f} | "
-                     f"{values['n_users']} | {ci} |")
+                     f"{values['n_users']} | {ci} | {ci_inc} |")
     lines += ["", *(f"- {r}" for r in result.reasons)]
     with open(report.path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
