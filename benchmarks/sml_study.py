@@ -256,7 +256,8 @@ def markdown(out: dict) -> str:
              "over seeds on the validation periods, at its best blend weight λ (chosen on "
              "validation too). Test periods were run only for the variants in the first "
              "table, after the search. Reproduce: `python -m benchmarks.sml_study --method "
-             f"{out['method']} --only {out['dataset']}`.", "",
+             f"{out['method']} --only {out['dataset']}`." + (
+                 f" {out['note']}" if out.get("note") else ""), "",
              "| variant | params | λ | val NDCG@20 | test NDCG@20 | val, no blend | "
              "test, no blend |", "|---|---|---|---|---|---|---|"]
     for f in out["final"]:
@@ -294,6 +295,10 @@ def main() -> None:
     out = {"hardware": hardware(device),
            **study(args.only, args.method, args.trials, args.timeout, seeds, str(device),
                     args.trials_from)}
+    if args.trials_from:
+        out["note"] = ("The trials were read back from the search's printed log "
+                       "(`--trials-from`; figures to 4 decimals) and only the final step ran "
+                       "again.")
     path = RESULTS / f"study-{args.method}-{args.only}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     md = Path(str(path).removesuffix(".json") + ".md")
