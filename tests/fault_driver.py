@@ -80,8 +80,9 @@ def main(argv: list[str]) -> int:
             metrics=art(dsl.Metrics, "meta-metrics"))
         failpoint("step.after", "meta_update")
         learned = art(dsl.Model, "learn-state")
-        ops.learn_op.python_func(state_uri=args.state, training_frame=frame, state_in=meta,
-                                 state=learned, metrics=art(dsl.Metrics, "learn-metrics"))
+        ops.learn_op.python_func(state_uri=args.state, data_uri=args.data, training_frame=frame,
+                                 state_in=meta, state=learned,
+                                 metrics=art(dsl.Metrics, "learn-metrics"))
         failpoint("step.after", "learn")
         others = art(dsl.Model, "challengers")
         ops.challengers_op.python_func(
