@@ -81,11 +81,12 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def run(name: str, device: torch.device, progress: bool, seeds: tuple[int, ...],
-        write_config: bool) -> dict:
+        write_config: bool, jobs: int = 0) -> dict:
     root = prepare(name)
     cfg = bt.BacktestConfig(device=str(device), progress=progress, seeds=seeds)
     start = time.perf_counter()
-    backtest = bt.run_backtest(read_periods(root), cfg)
+    backtest = bt.run_backtest(read_periods(root), cfg,
+                               jobs=jobs or bt.auto_jobs(len(seeds), cfg.device))
     results = backtest.results
     chosen = bt.select_configs(results)
     summary = bt.summarize(backtest, chosen, name)
@@ -116,6 +117,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="every figure is a mean over these")
     ap.add_argument("--no-config", action="store_true",
                     help="do not rewrite configs/<dataset>.yaml from the selection")
+    ap.add_argument("--jobs", type=int, default=0,
+                    help="seeds run side by side in this many processes (0: one per seed, "
+                    "up to the CPU cores; 1 on a GPU); figures are the same")
     args = ap.parse_args()
     seeds = tuple(int(x) for x in args.seeds.split(","))
     configure_threads()
@@ -125,7 +129,7 @@ def main() -> None:
     for name in names:
         print(f"\n=== {name} ===")
         out["datasets"][name] = run(name, device, not args.no_progress, seeds,
-                                    not args.no_config and device.type == "cpu")
+                                    not args.no_config and device.type == "cpu", args.jobs)
     suffix = "" if device.type == "cpu" else f"-{device.type}"
     path = RESULTS / f"backtest{suffix}.json"
     if args.only and path.exists():  # one dataset re-run: keep the other's figures

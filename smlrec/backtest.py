@@ -236,10 +236,14 @@ class Backtest:
 
 
 def run_backtest(frame: pd.DataFrame, cfg: BacktestConfig,
-                 log: Callable[[str], None] = print, cache: dict | None = None) -> Backtest:
+                 log: Callable[[str], None] = print, cache: dict | None = None,
+                 jobs: int = 1) -> Backtest:
     """Run every method (each point of its grid) through all periods, once per seed.
     ``cache`` (a dict the caller keeps) memoises W_0 across runs on the same data, for
-    searches that run many configurations."""
+    searches that run many configurations. ``jobs`` > 1 runs the seeds in that many worker
+    processes (one torch thread each): the rows are the same, since no seed's run draws
+    from another's random stream, but the trained strategies stay in the workers
+    (``Backtest.strategies`` is then empty) and ``cache`` is not used."""
     data = index_periods(frame)
     n = len(data.periods)
     split = cfg.split or Split.default(n)
@@ -259,17 +263,91 @@ def run_backtest(frame: pd.DataFrame, cfg: BacktestConfig,
     strategies: dict = {}
     bar = tqdm(total=len(cfg.seeds) * (last - split.pretrain), desc="periods",
                disable=not cfg.progress, unit="period")
-    for seed in cfg.seeds:
-        runs = _run_seed(data, split, cfg, seed, last, rows, per_user, log, bar, cache)
-        for method, s, _, rid in runs:
-            strategies[(seed, method, rid)] = s
+    if jobs > 1 and len(cfg.seeds) > 1:
+        for seed_rows, seed_users in _run_seeds_in_workers(data, split, cfg, last, log, bar,
+                                                           jobs):
+            rows.extend(seed_rows)
+            per_user.update(seed_users)
+    else:
+        for seed in cfg.seeds:
+            runs = _run_seed(data, split, cfg, seed, last, rows, per_user, log, bar, cache)
+            for method, s, _, rid in runs:
+                strategies[(seed, method, rid)] = s
     bar.close()
     return Backtest(pd.DataFrame(rows), per_user, split, tuple(cfg.seeds), cfg.n_boot,
                     strategies)
 
 
+def auto_jobs(n_seeds: int, device: str) -> int:
+    """Worker processes for a backtest: one per seed up to the CPU cores this process may
+    use on CPU; one on a GPU (the seeds then share the device in turn)."""
+    import os
+
+    if not device.startswith("cpu"):
+        return 1
+    return max(1, min(n_seeds, len(os.sched_getaffinity(0))))
+
+
+class _QueueBar:
+    """A worker's stand-in for the progress bar: it reports to the parent's queue."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def update(self, n: int = 1) -> None:
+        self.queue.put(("tick", n))
+
+    def set_postfix_str(self, text: str) -> None:
+        self.queue.put(("postfix", text))
+
+
+def _seed_worker(data: IndexedPeriods, split: Split, cfg: BacktestConfig, seed: int,
+                 last: int, queue: Any) -> tuple[list[dict], dict]:
+    torch.set_num_threads(1)
+    rows: list[dict] = []
+    per_user: dict = {}
+    _run_seed(data, split, cfg, seed, last, rows, per_user,
+              lambda line: queue.put(("log", line)), _QueueBar(queue))
+    return rows, per_user
+
+
+def _run_seeds_in_workers(data: IndexedPeriods, split: Split, cfg: BacktestConfig, last: int,
+                          log: Callable[[str], None], bar: Any, jobs: int
+                          ) -> list[tuple[list[dict], dict]]:
+    """Each seed's run in its own process (spawned: safe with CUDA), results in seed order;
+    the workers' progress and log lines come back through a queue."""
+    import multiprocessing as mp
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        queue = manager.Queue()
+
+        def relay() -> None:
+            while (msg := queue.get()) is not None:
+                kind, value = msg
+                if kind == "tick":
+                    bar.update(value)
+                elif kind == "postfix":
+                    bar.set_postfix_str(value)
+                else:
+                    log(value)
+
+        thread = threading.Thread(target=relay, daemon=True)
+        thread.start()
+        try:
+            with ProcessPoolExecutor(min(jobs, len(cfg.seeds)), mp_context=ctx) as pool:
+                futures = [pool.submit(_seed_worker, data, split, cfg, seed, last, queue)
+                           for seed in cfg.seeds]
+                return [f.result() for f in futures]
+        finally:
+            queue.put(None)
+            thread.join()
+
+
 def _run_seed(data: IndexedPeriods, split: Split, cfg: BacktestConfig, seed: int, last: int,
-              rows: list[dict], per_user: dict, log: Callable[[str], None], bar: tqdm,
+              rows: list[dict], per_user: dict, log: Callable[[str], None], bar: Any,
               cache: dict | None = None) -> list:
     device = torch.device(cfg.device)
     p = split.pretrain

@@ -165,3 +165,24 @@ def test_synthetic_stream_is_learnable_by_sml_and_baselines(small_stream):
     test = res[res["phase"] == "test"]
     assert test["ndcg@20"].notna().all()
     assert (test["auc"] > 0.5).all()  # better than chance on every test period
+
+
+def test_seeds_run_in_worker_processes_give_the_same_figures():
+    frame = generate_stream(n_users=200, n_items=80, n_periods=6,
+                            interactions_per_period=800, returning_share=0.7, drift=0.2, seed=3)
+    cfg = bt.BacktestConfig(methods=["sml", "window", "pop"],
+                            grids={"sml": [{"outer_steps": 1, "what_epochs": 1}],
+                                   "window": [{"window": 2, "epochs": 1}], "pop": [{}]},
+                            pretrain_epochs=2, progress=False, seeds=(0, 1), blends=(0.0, 2.0))
+    lines: list[str] = []
+    one = bt.run_backtest(frame, cfg, log=lambda _: None)
+    two = bt.run_backtest(frame, cfg, log=lines.append, jobs=2)
+    cols = ["seed", "method", "config", "t", "phase", "ndcg@20", "recall@20", "auc"]
+    a, b = one.results[cols], two.results[cols]
+    assert len(a) == len(b) and a["ndcg@20"].notna().any()
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+    assert one.per_user.keys() == two.per_user.keys()
+    for key, value in one.per_user.items():
+        np.testing.assert_array_equal(value["ndcg@20"], two.per_user[key]["ndcg@20"])
+    assert sum("pretrained W_0" in line for line in lines) == 2  # workers' logs come back
+    assert one.strategies and not two.strategies
