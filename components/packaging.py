@@ -73,7 +73,7 @@ def package(state_uri: str, stage: str = "production", decided_in: str | None = 
     metadata = {"period": period, "strategy": strategy, "decided_in": decided_in or "",
                 "dim": int(tensors[ukey].shape[1]), "n_users": len(users),
                 "n_items": len(items), "prior_column": prior_column,
-                "gate": json.dumps(scores)}
+                "gate": json.dumps(scores), "last_decision": json.dumps(store.last_decision())}
     with bentoml.models.create(name, labels={"stage": stage, "period": period,
                                              "strategy": strategy},
                                metadata=metadata) as model:

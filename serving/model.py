@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -21,6 +22,14 @@ from smlrec.io import load_bundle
 from smlrec.vocab import Vocab
 
 STAGES = ("production", "candidate")
+
+
+def iso_time(seconds: float) -> str | None:
+    """A Unix time as ISO 8601 in UTC, to the second (None for 0: never)."""
+    if not seconds:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,8 @@ class ModelInfo:
     source: str = ""
     loaded_at: float = field(default_factory=time.time)
     strategy: str = ""
+    decision: dict[str, Any] = field(default_factory=dict)
+    """The newest gate decision when this version was packaged (or loaded from the store)."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +200,10 @@ class ServedModel:
         """What ``/metadata`` says about this model."""
         return {"stage": self.info.stage, "version": self.info.version,
                 "period": self.info.period, "strategy": self.info.strategy,
-                "gate": self.info.gate, "source": self.info.source,
-                "loaded_at": self.info.loaded_at, "n_users": self.n_users,
+                "gate": self.info.gate or (
+                    {"note": "not gated yet: a candidate is scored on the period after the "
+                     "one it was trained on, at the next daily run"}
+                    if self.info.stage == "candidate" else {}),
+                "source": self.info.source,
+                "loaded_at": iso_time(self.info.loaded_at), "n_users": self.n_users,
                 "n_items": self.n_items, "dim": self.dim, "device": str(self.device)}

@@ -68,7 +68,8 @@ class RecommendResponse(BaseModel):
     path: Path = Field(description=PATH_HELP)
     fallback: bool = Field(description="True unless the model knew the user.")
     ignored_items: list[str] = Field(
-        default_factory=list, description="recent_items the model does not know (not used).")
+        default_factory=list, description="recent_items that were not used: ids the serving "
+        "model does not know (all of them while no model is served).")
 
 
 class ScoreRequest(_Strict):
@@ -119,8 +120,15 @@ class Metadata(BaseModel):
     features: dict[str, Any]
     batching: dict[str, Any]
     swaps: int
-    last_check: float
+    last_check: str | None = Field(description="When the source was last checked for new "
+                                   "versions (ISO 8601, UTC).")
     last_error: str
+    last_decision: dict[str, Any] = Field(
+        default_factory=dict, description="The newest gate decision the served models know "
+        "of: the period gated, the decision (promote, reject, bootstrap), the best "
+        "challenger, the reasons, when it was recorded.")
+    why_popularity: str = Field("", description="In popularity mode: why no model is in "
+                                "production.")
     device: str
     limits: dict[str, int]
 

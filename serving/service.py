@@ -1,7 +1,8 @@
 """The smlrec prediction API: a BentoML 1.4 service over the accepted MF models.
 
 Start it with ``make serve`` (``bentoml serve serving.service:Recommender``, 127.0.0.1:3000).
-Endpoints (all POST with a JSON body; the OpenAPI page is at ``/docs``):
+Endpoints (all POST with a JSON body; the OpenAPI page is at ``/docs``, its document at
+``/docs.json``; ``serving/http.py`` says what they add to BentoML's):
 
 - ``/recommend`` {user_id, k, exclude_seen, recent_items?}: top-k items;
 - ``/score`` {user_id, item_ids, recent_items?}: scores of given items;
@@ -49,8 +50,9 @@ from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from serving.batching import MicroBatcher, describe
+from serving.http import ApiFront, install_log_filter
 from serving.limits import BodyLimit
-from serving.model import ServedModel, TopK, canary_bucket
+from serving.model import ServedModel, TopK, canary_bucket, iso_time
 from serving.schemas import (
     MAX_ID_LENGTH,
     MAX_K,
@@ -189,6 +191,7 @@ class Recommender:
         model_ref = bentoml.models.BentoModel(f"{PRODUCTION_MODEL}:latest")
 
     def __init__(self) -> None:
+        install_log_filter()
         self.config = CONFIG
         self.device = pick_device()
         configure_threads()
@@ -257,15 +260,14 @@ class Recommender:
     async def _query(self, model: ServedModel, user_id: str, recent: list[str] | None,
                      feast_recent: list[str] | None) -> tuple[torch.Tensor | None, str, list[str]]:
         """The user's vector and the path: the model's row, else the mean of recent items."""
+        ignored = model.item_rows(recent)[1] if recent else []
         row = model.user_row(user_id)
         if row is not None:
-            return model.user_vector(row), "user", []
-        ignored: list[str] = []
+            return model.user_vector(row), "user", ignored
         for ids, path in ((recent, "recent_items"), (feast_recent, "feast_recent_items")):
             if not ids:
                 continue
-            rows, unknown = model.item_rows(ids)
-            ignored += unknown if path == "recent_items" else []
+            rows, _ = model.item_rows(ids)
             if rows:
                 return model.mean_item_vector(rows), path, ignored
         return None, "popular", ignored
@@ -288,8 +290,9 @@ class Recommender:
         feast_recent = None
         if (req.exclude_seen or (not known and not req.recent_items)) and self.features:
             feast_recent = await self._feast("recent_items", req.user_id)
-        query, path, ignored = (None, "popular", []) if model is None else await self._query(
-            model, req.user_id, req.recent_items, feast_recent)
+        query, path, ignored = (
+            (None, "popular", list(req.recent_items or [])) if model is None
+            else await self._query(model, req.user_id, req.recent_items, feast_recent))
         seen = set(req.recent_items or []) | set(feast_recent or []) if req.exclude_seen else set()
         if query is None or model is None:
             popular = await self._feast("popular_items", req.k + len(seen)) or next(
@@ -355,14 +358,23 @@ class Recommender:
             "online_store": bool(self.features), "error": self.features_error,
             "used": [OnlineFeatures.RECENT, OnlineFeatures.POPULAR] if self.features else [],
             "repo": self.config.feature_repo, "data": self.config.feature_data}
+        decisions = [m.info.decision for m in (production, candidate) if m and m.info.decision]
+        last = max(decisions, key=lambda d: str(d.get("recorded_at", "")), default={})
+        why = ""
+        if production is None:
+            why = ("no model has been promoted yet" + (
+                f"; the last gate (period {last.get('period')}) decided "
+                f"{last.get('decision')}: " + "; ".join(last.get("reasons") or [])
+                if last else f"; {self.models.source.name} holds no production model"))
         return Metadata(
-            mode="model" if production else "popularity",
+            mode="model" if production else "popularity", last_decision=last,
+            why_popularity=why,
             production=production.describe() if production else None,
             candidate=candidate.describe() if candidate else None,
             canary_share=self.config.canary_share if candidate else 0.0,
             model_source=self.models.source.name, features=features,
             batching=describe(self.batcher), swaps=self.models.swaps,
-            last_check=self.models.last_check, last_error=self.models.last_error,
+            last_check=iso_time(self.models.last_check), last_error=self.models.last_error,
             device=str(self.device),
             limits={"max_k": MAX_K, "max_list": MAX_LIST, "max_id_length": MAX_ID_LENGTH,
                     "max_body_bytes": self.config.max_body_bytes})
@@ -379,6 +391,7 @@ class Recommender:
 
 
 Recommender.add_asgi_middleware(BodyLimit, max_bytes=CONFIG.max_body_bytes)
+Recommender.add_asgi_middleware(ApiFront)
 
 
 def _rank_batch(jobs: list[tuple[ServedModel, torch.Tensor, int, list[int]]]) -> list[TopK]:

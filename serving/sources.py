@@ -78,7 +78,8 @@ class BentoStoreSource:
             gate = _gate(model.info.metadata.get("gate"))
             info = ModelInfo(stage=stage, version=str(model.tag), period=period, gate=gate,
                              source=self.name,
-                             strategy=str(model.info.labels.get("strategy", "")))
+                             strategy=str(model.info.labels.get("strategy", "")),
+                             decision=_gate(model.info.metadata.get("last_decision")))
             path = model.path_of("bundle")
             out[stage] = ModelRef(str(model.tag), period,
                                   lambda device, p=path, i=info: ServedModel.from_bundle(
@@ -116,7 +117,8 @@ class StateStoreSource:
         from smlrec.io import read_json
         from smlrec.registry import served_keys
 
-        info = replace(info, gate=self.store.promotion_scores(info.period))
+        info = replace(info, gate=self.store.promotion_scores(info.period),
+                       decision=self.store.last_decision())
         url = self.store.period_uri(info.period)
         ukey, ikey = served_keys(read_json(f"{url}/metadata.json"), info.strategy or None)
         return ServedModel.from_bundle(url, info, device, user_key=ukey, item_key=ikey)

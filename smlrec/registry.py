@@ -178,6 +178,15 @@ class StateStore:
         """The gate scores of the last decision that promoted ``period_id`` ({} if none)."""
         return dict(self.promotion(period_id).get("scores") or {})
 
+    def last_decision(self) -> dict[str, Any]:
+        """The newest gate decision, in brief: the period gated, the candidate, the decision,
+        the best challenger, the reasons and when it was recorded ({} before the first)."""
+        log = self.decisions()
+        if not log:
+            return {}
+        return {k: log[-1].get(k) for k in ("period", "candidate", "decision", "best",
+                                             "reasons", "recorded_at")}
+
     def promotion(self, period_id: str) -> dict[str, Any]:
         """The last decision that promoted ``period_id`` ({} if none)."""
         promoted = [d for d in self.decisions()

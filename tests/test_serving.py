@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,63 @@ def test_health_readiness_and_metadata(server: Server, client) -> None:
     schema = httpx.get(f"{server.url}/docs.json").json()
     for route in ("/recommend", "/score", "/similar_items", "/metadata"):
         assert route in schema["paths"], route
+    for stamp in (meta["last_check"], meta["production"]["loaded_at"]):
+        assert datetime.fromisoformat(stamp.replace("Z", "+00:00")).tzinfo is not None, stamp
+    assert meta["candidate"]["gate"]["note"].startswith("not gated yet"), meta["candidate"]
+
+
+def test_docs_page_is_offline_titled_and_documents_every_status(server: Server) -> None:
+    for path in ("/docs", "/"):
+        page = httpx.get(f"{server.url}{path}")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert "smlrec" in page.text and "/docs.json" in page.text
+        assert "http://" not in page.text and "https://" not in page.text, path
+        for asset in ("/static_content/swagger-ui-bundle.js", "/static_content/swagger-ui.css"):
+            assert asset in page.text and httpx.get(f"{server.url}{asset}").status_code == 200
+    spec = httpx.get(f"{server.url}/docs.json").json()
+    assert spec["info"]["title"] == "smlrec prediction API"
+    assert spec["info"]["version"] not in ("", "None") and "bentoml" not in json.dumps(
+        spec["info"]).lower()
+    answers = {"/recommend": {"400", "413"}, "/score": {"400", "404", "413", "503"},
+               "/similar_items": {"400", "404", "413", "503"}}
+    for route, codes in answers.items():
+        post = spec["paths"][route]["post"]
+        assert set(post["responses"]) == {"200"} | codes, (route, list(post["responses"]))
+        for code in codes:
+            example = post["responses"][code]["content"]["application/json"]["example"]
+            assert isinstance(example["error"], str)
+        body = post["requestBody"]["content"]["application/json"]
+        assert body["example"] and set(body["example"]) <= set(body["schema"]["properties"])
+    example = spec["paths"]["/recommend"]["post"]["requestBody"]["content"][
+        "application/json"]["example"]
+    assert server.post("/recommend", example).status_code == 200  # the example works
+
+
+FIELD_ERRORS = [({"k": 5}, "user_id", "user_id is required"),
+                ({"user_id": "u1", "k": 0}, "k", "k: input should be greater than or equal to 1"),
+                ({"user_id": "u1", "recent_items": ["i1", 2]}, "recent_items[1]",
+                 "recent_items[1]: input should be a valid string"),
+                ({"user_id": "u1", "colour": "red"}, "colour",
+                 "colour is not a field of this request")]
+
+
+def test_a_400_names_the_field_and_is_logged_as_one_warning_line(server: Server) -> None:
+    for body, field, sentence in FIELD_ERRORS:
+        r = server.post("/recommend", body)
+        assert r.status_code == 400, r.text
+        payload = r.json()
+        assert payload["field"] == field and payload["error"] == sentence, payload
+        assert payload["detail"][0]["loc"] and "url" not in payload["detail"][0]
+    r = server.post("/recommend", b'{"user_id": ', raw=True)
+    assert r.json()["error"].startswith("the body is not valid JSON"), r.text
+    deadline = time.monotonic() + 10
+    while "recent_items[1]: input should be" not in server.tail(400):
+        assert time.monotonic() < deadline, server.tail(40)
+        time.sleep(0.2)
+    log = server.tail(400)
+    assert "client error on /recommend: user_id is required (answered 400)" in log
+    assert "[WARNING]" in log and "Exception on /recommend" not in log
+    assert "ValidationError" not in log, log[-2000:]
 
 
 def test_recommendations_match_the_models_own_top_k(server: Server, client) -> None:
@@ -459,15 +517,22 @@ def test_popularity_mode_before_any_model_is_accepted(tmp_path: Path) -> None:
     for key in ("SMLREC_FEATURE_REPO", "SMLREC_FEATURE_DATA"):
         srv.env.pop(key)
     write_interactions(_interactions(), srv.data)
+    srv.state.append_decision({"period": P2, "candidate": P1, "decision": "reject",
+                               "best": "sml", "reasons": ["sml: ndcg@20 0.1 does not beat "
+                                                          "popularity 0.2"]})
     srv.package("candidate", P2, seed=2)
     srv.start()
     try:
         with bentoml.SyncHTTPClient(srv.url, timeout=30) as c:
-            assert c.metadata()["mode"] == "popularity"
+            meta = c.metadata()
+            assert meta["mode"] == "popularity"
+            assert meta["last_decision"]["decision"] == "reject"
+            assert "does not beat popularity" in meta["why_popularity"], meta["why_popularity"]
             outside = next(u for u in USERS if _stage(u) == "production")
-            got = c.recommend(user_id=outside, k=3)
+            got = c.recommend(user_id=outside, k=3, recent_items=["i7", "nope"])
             assert got["model"]["stage"] == "popularity" and got["path"] == "popular"
             assert got["items"] == ["i0", "i1", "i2"]
+            assert got["ignored_items"] == ["i7", "nope"]  # no model: none of them was used
             inside = next(u for u in USERS if _stage(u) == "candidate")
             got = c.recommend(user_id=inside, k=3, exclude_seen=False)
             assert got["model"]["stage"] == "candidate" and got["path"] == "user"
