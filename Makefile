@@ -11,7 +11,7 @@ OUT ?= runs/backtest-ml100k
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run serve bento backtest test reliability bench study soak audit lint fmt clean
+.PHONY: setup run serve bento image backtest test reliability bench study soak audit lint fmt clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,13 @@ bento: setup
 	$(PY) -m serving.requirements build/requirements-serving.txt
 	BENTOML_HOME=$${BENTOML_HOME:-$(CURDIR)/runs/bentoml} \
 	$(VENV)/bin/bentoml build -f serving/bentofile.yaml .
+
+## The pipeline image (Dockerfile) for a Kubeflow cluster, pushed to IMAGE's registry; compile
+## the pipelines with the same SMLREC_IMAGE (`SMLREC_IMAGE=... smlrec pipeline compile`).
+IMAGE ?= localhost:5000/smlrec:0.1.0
+image:
+	docker build -t $(IMAGE) .
+	docker push $(IMAGE)
 
 ## The SML backtest against the retraining baselines on MovieLens-100k.
 backtest: setup

@@ -33,12 +33,10 @@ def compile(out: Annotated[Path, typer.Option(help="Daily pipeline YAML.")] = DA
             bootstrap_out: Annotated[Path, typer.Option(help="Bootstrap pipeline YAML.")]
             = BOOTSTRAP_YAML) -> None:
     """Write the pipelines' IR YAML, the files to upload in the Kubeflow UI."""
-    from kfp import compiler
+    from pipelines.daily import bootstrap_pipeline, compile_pipeline, daily_pipeline
 
-    from pipelines.daily import bootstrap_pipeline, daily_pipeline
-
-    compiler.Compiler().compile(daily_pipeline, str(out))
-    compiler.Compiler().compile(bootstrap_pipeline, str(bootstrap_out))
+    compile_pipeline(daily_pipeline, out)
+    compile_pipeline(bootstrap_pipeline, bootstrap_out)
     typer.echo(f"wrote {out} and {bootstrap_out}")
 
 

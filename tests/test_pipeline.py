@@ -14,9 +14,8 @@ import pytest
 import torch
 import yaml
 from conftest import tree_digest
-from kfp import compiler
 
-from pipelines.daily import bootstrap_pipeline, daily_pipeline
+from pipelines.daily import bootstrap_pipeline, compile_pipeline, daily_pipeline
 from pipelines.local import run_bootstrap, run_daily
 from smlrec.daily import load_config, run_period
 from smlrec.data.store import list_periods
@@ -39,13 +38,46 @@ pretrain_epochs: 10
 @pytest.mark.parametrize("fn, name", [(daily_pipeline, "daily.yaml"),
                                       (bootstrap_pipeline, "bootstrap.yaml")])
 def test_committed_yaml_matches_the_code(fn, name, tmp_path):
-    out = tmp_path / name
-    compiler.Compiler().compile(fn, str(out))
+    out = compile_pipeline(fn, tmp_path / name)
     committed = yaml.safe_load((ROOT / "pipelines" / name).read_text())
     fresh = yaml.safe_load(out.read_text())
     for doc in (committed, fresh):
         doc.get("sdkVersion") and doc.pop("sdkVersion")
     assert fresh == committed, f"pipelines/{name} is stale: run `smlrec pipeline compile`"
+
+
+def test_compiled_pipeline_reads_well_in_the_kubeflow_ui():
+    text = (ROOT / "pipelines" / "daily.yaml").read_text()
+    spec = yaml.safe_load(text)
+    assert "max_rows: int [Default: 5000000]" in text  # integers shown as integers
+    root = spec["root"]["inputDefinitions"]["parameters"]
+    assert root["max_rows"]["defaultValue"] == 5_000_000
+    tasks = {**spec["root"]["dag"]["tasks"],
+             **spec["components"]["comp-condition-1"]["dag"]["tasks"]}
+    names = {t["taskInfo"]["name"] for t in tasks.values()}
+    assert {"validate (Great Expectations)", "package candidate", "package production",
+            "SML transfer (W_t)"} <= names, names
+    for key, task in tasks.items():
+        if key == "condition-1":
+            continue
+        assert "retryPolicy" in task or key == "validate-op", key  # a bad day is not retried
+    assert tasks["gate-op"]["retryPolicy"]["maxRetryCount"] >= 1
+    for key, executor in spec["deploymentSpec"]["executors"].items():
+        container = executor["container"]
+        assert container["resources"]["resourceCpuRequest"], key
+        assert container["resources"]["resourceMemoryRequest"], key
+        assert "/" in container["image"].rsplit(":", 1)[0], container["image"]  # a registry
+    for name, comp in spec["components"].items():
+        if "executorLabel" not in comp:
+            continue
+        for kind in ("inputDefinitions", "outputDefinitions"):
+            for group in comp.get(kind, {}).values():
+                for param, definition in group.items():
+                    description = definition.get("description", "")
+                    assert description, f"{name}: {param} has no description"
+                    assert "\n" not in description, f"{name}: {param}"
+    assert set(spec["components"]["comp-gate-op"]["outputDefinitions"]["parameters"]) == {
+        "decision"}
 
 
 @pytest.fixture(scope="module")
