@@ -5,7 +5,8 @@ Dockerfile) with no pip install at run time. A component body is shipped as sour
 imports what it needs inside the function. Artifacts: Markdown reports and Metrics for the
 Kubeflow UI, Model artifacts for the SML state handed from task to task, a Dataset for the
 training frame read from Feast. Each component's ``Args`` and ``Returns`` become the input
-and output descriptions the Kubeflow UI shows; outputs are named (``decision``, ``period``...).
+and output descriptions the Kubeflow UI shows; outputs are named (``period``, ``rows``,
+``model_tag``...).
 """
 
 
@@ -112,8 +113,9 @@ def features_op(period: str, data_uri: str, feature_repo: str, feature_data: str
 
 @component
 def gate_op(period: str, data_uri: str, state_uri: str, tolerance: float,
-            metrics: Output[Metrics], report: Output[Markdown]
-            ) -> NamedTuple("Outputs", [("decision", str)]):
+            metrics: Output[Metrics], report: Output[Markdown]) -> str:
+    # The one unnamed output: KFP 2.17's local runner resolves the dsl.If on this output
+    # (the promotion) only when the output is called "Output".
     """The canary gate: yesterday's challengers, the incumbent and the popularity floor on
     D_t. On promote the production pointer moves to the best eligible challenger.
 
@@ -125,12 +127,10 @@ def gate_op(period: str, data_uri: str, state_uri: str, tolerance: float,
             configuration's.
 
     Returns:
-        decision: promote, reject or bootstrap.
+        Output: The decision: promote, reject or bootstrap.
         metrics: NDCG@20 and Recall@20 of every model scored, users scored, promoted (0/1).
         report: The scores with bootstrap intervals and the decision's reasons (Markdown).
     """
-    from collections import namedtuple
-
     from smlrec.daily import gate, task_config
     from smlrec.registry import StateStore
 
@@ -163,7 +163,7 @@ def gate_op(period: str, data_uri: str, state_uri: str, tolerance: float,
     lines += ["", *(f"- {r}" for r in result.reasons)]
     with open(report.path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    return namedtuple("Outputs", ["decision"])(result.decision)
+    return result.decision
 
 
 @component

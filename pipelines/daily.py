@@ -118,7 +118,7 @@ def build_daily_pipeline(for_cluster: bool = True):
         gate = _step(gate_op(period=period, data_uri=data_uri, state_uri=state_uri,
                              tolerance=tolerance).after(features),
                      "gate: challengers vs incumbent and floor", "data")
-        with dsl.If(gate.outputs["decision"] == "promote", name="promoted"):
+        with dsl.If(gate.outputs["Output"] == "promote", name="promoted"):
             _step(package_op(state_uri=state_uri, period=period, bentoml_home=bentoml_home,
                              stage="production", data_uri=data_uri), "package production")
         meta = _step(meta_update_op(period=period, state_uri=state_uri,

@@ -76,8 +76,8 @@ def test_compiled_pipeline_reads_well_in_the_kubeflow_ui():
                     description = definition.get("description", "")
                     assert description, f"{name}: {param} has no description"
                     assert "\n" not in description, f"{name}: {param}"
-    assert set(spec["components"]["comp-gate-op"]["outputDefinitions"]["parameters"]) == {
-        "decision"}
+    outputs = spec["components"]["comp-resolve-period-op"]["outputDefinitions"]["parameters"]
+    assert set(outputs) == {"period"}
 
 
 @pytest.fixture(scope="module")
