@@ -11,7 +11,7 @@ OUT ?= runs/backtest-ml100k
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run serve bento image backtest test reliability bench study soak audit lint fmt clean
+.PHONY: setup run serve bento image screenshot backtest test reliability bench study soak audit lint fmt clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,15 @@ IMAGE ?= localhost:5000/smlrec:0.1.0
 image:
 	docker build -t $(IMAGE) .
 	docker push $(IMAGE)
+
+## docs/report.png: runs/report.html (written by `make run`) in headless Chromium (Debian's
+## chromium package: `apt-get install chromium`).
+CHROMIUM ?= chromium
+screenshot:
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --no-first-run --hide-scrollbars \
+	  --disable-background-networking --disable-component-update --disable-sync \
+	  --user-data-dir=$$(mktemp -d) --window-size=1400,2600 \
+	  --screenshot=$(CURDIR)/docs/report.png file://$(CURDIR)/runs/report.html
 
 ## The SML backtest against the retraining baselines on MovieLens-100k.
 backtest: setup

@@ -324,11 +324,13 @@ def report_op(state_uri: str, report: Output[HTML]):
         report: The page (HTML).
     """
     from smlrec.registry import StateStore
-    from smlrec.report import decisions_html
+    from smlrec.report import state_report_html
 
     store = StateStore(state_uri)
     with open(report.path, "w") as fh:
-        fh.write(decisions_html(store.decisions(), store.pointer_info("production")))
+        fh.write(state_report_html(store.decisions(), store.pointer_info("production"),
+                                   packages=store.packages(), config_text=store.config_text(),
+                                   state_uri=state_uri))
 
 
 @component

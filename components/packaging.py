@@ -63,9 +63,12 @@ def package(state_uri: str, stage: str = "production", decided_in: str | None = 
         existing = bentoml.models.list(name)
     except bentoml.exceptions.NotFound:  # the first model of this name
         existing = []
+    record = {"stage": stage, "period": period, "strategy": strategy,
+              "decided_in": decided_in or ""}
     for model in existing:
         if (model.info.labels.get("period") == period
                 and model.info.labels.get("strategy", "") == strategy):
+            store.record_package({**record, "tag": str(model.tag)})  # once per tag
             return str(model.tag)
     scores = store.promotion_scores(period)
     prior_column = bool((meta.get("challengers") or {}).get(strategy, {}).get("prior_column"))
@@ -85,6 +88,7 @@ def package(state_uri: str, stage: str = "production", decided_in: str | None = 
                      "vocab_items.json": items.to_json().encode(),
                      "popular.json": json.dumps(popular).encode()})
         failpoint("package.inside", stage)  # BentoML commits the model when the block exits
+    store.record_package({**record, "tag": str(model.tag)})
     return str(model.tag)
 
 

@@ -199,10 +199,14 @@ def schedule(host: Annotated[str, typer.Option(help="Kubeflow Pipelines API endp
 @reports_errors
 def report(state_uri: StateOpt = "runs/state",
            out: Annotated[Path, typer.Option(help="HTML file to write.")]
-           = Path("runs/report.html")) -> None:
-    """Write the gate's history (chart and table of every decision) as an HTML page."""
+           = Path("runs/report.html"), runs_dir: RunsOpt = Path("runs")) -> None:
+    """Write one self-contained HTML page for a state store: what is serving, the gate's
+    figures over time for every model it scored (NDCG and Recall at 5/10/20, intervals
+    against the floor, users scored), each period's decision with links to its kept
+    validation, features and gate reports and its step times, the models packaged, and
+    the run configuration."""
+    from pipelines.local import write_report
     from smlrec.registry import StateStore
-    from smlrec.report import decisions_html
 
     store = StateStore(state_uri)
     decisions = store.decisions()
@@ -210,8 +214,7 @@ def report(state_uri: StateOpt = "runs/state",
         raise typer.BadParameter(f"{state_uri} has no gate decisions to report (is it the "
                                  "state store `make run` or `pipeline demo` wrote?); "
                                  f"{out} was left as it was", param_hint="--state-uri")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(decisions_html(decisions, store.pointer_info("production")))
+    write_report(store, out, runs_dir)
     typer.echo(f"wrote {out}")
 
 
@@ -229,11 +232,10 @@ def demo(data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
     """The embedded production loop on stored data: bootstrap on the first periods (once),
     then the daily pipeline for every later period in order (skipping finished ones),
     a table row per period and an HTML report of the history."""
-    from pipelines.local import run_bootstrap, run_periods
+    from pipelines.local import run_bootstrap, run_periods, write_report
     from smlrec.config import DailyConfig
     from smlrec.data.store import list_periods
     from smlrec.registry import StateStore
-    from smlrec.report import decisions_html
 
     if config and not Path(config).is_file():
         raise typer.BadParameter(f"{config} does not exist (write one with `smlrec backtest "
@@ -261,8 +263,7 @@ def demo(data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
             shutil.rmtree(work, ignore_errors=True)
         results = run_periods(periods[until:], data_uri, state_uri, runs_dir, console,
                               period_spec=spec, bentoml_home=_abs_or_empty(bentoml_home))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(decisions_html(store.decisions(), store.pointer_info("production")))
+    write_report(store, out, runs_dir)
     prod = store.pointer_info("production")
     ran = [r for r in results if not r.get("skipped")]
     promoted = sum(r.get("decision") == "promote" for r in ran)

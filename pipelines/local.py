@@ -206,9 +206,32 @@ class Console:
         tqdm.write(line, file=self.out)
 
 
-def keep_reports(work_dir: Path, dest: Path) -> list[Path]:
-    """Copy the latest local run's Markdown/HTML reports (validation, features, gate) to
-    ``dest`` (``<task>.md``), so they outlive the runner's working folder."""
+def write_report(store: StateStore, out: Path, runs_dir: Path | None = None) -> Path:
+    """The state store's HTML report (``smlrec.report.state_report_html``) at ``out``,
+    linking the reports each run kept under ``runs_dir/reports/``."""
+    from smlrec.report import RunFiles, state_report_html
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = RunFiles(Path(runs_dir).resolve(), out.parent.resolve()) if runs_dir else None
+    page = state_report_html(store.decisions(), store.pointer_info("production"),
+                             packages=store.packages(), config_text=store.config_text(),
+                             runs=runs, state_uri=store.uri)
+    tmp = out.with_name(f".{out.name}.tmp")  # a good report is never half overwritten
+    tmp.write_text(page)
+    os.replace(tmp, out)
+    return out
+
+
+def keep_reports(work_dir: Path, dest: Path, summary: dict | None = None) -> list[Path]:
+    """Copy the latest local run's reports (validation, features, gate) to ``dest``
+    (``<task>.md`` with an HTML rendering beside it, ``<task>.html``), and the run's
+    summary (``run.json``: decision, scores, step seconds), so they outlive the runner's
+    working folder."""
+    import json
+
+    from smlrec.report import markdown_page
+
     runs = sorted((work_dir / "outputs").glob("smlrec-daily-*"), key=lambda p: p.stat().st_mtime)
     kept = []
     if not runs:
@@ -221,6 +244,16 @@ def keep_reports(work_dir: Path, dest: Path) -> list[Path]:
             target = dest / f"{task}{suffix}"
             target.write_bytes(report.read_bytes())
             kept.append(target)
+            if suffix == ".md":
+                page = dest / f"{task}.html"
+                page.write_text(markdown_page(report.read_text(errors="replace"),
+                                              f"{task}: {dest.name}"))
+                kept.append(page)
+    if summary is not None:
+        run = dest / "run.json"
+        run.write_text(json.dumps({k: v for k, v in summary.items() if k != "reports"},
+                                  indent=1, sort_keys=True, default=str) + "\n")
+        kept.append(run)
     return kept
 
 
@@ -257,7 +290,7 @@ def run_periods(periods: list[str], data_uri: str, state_uri: str, runs_dir: Pat
                 os.environ["TMPDIR"] = old_tmp
             tempfile.tempdir = None
         if not r.get("skipped"):
-            r["reports"] = [str(x) for x in keep_reports(work, runs_dir / "reports" / p)]
+            r["reports"] = [str(x) for x in keep_reports(work, runs_dir / "reports" / p, r)]
         shutil.rmtree(work, ignore_errors=True)
         out.append(r)
         console.echo(summary_line(r))

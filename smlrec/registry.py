@@ -8,6 +8,7 @@ Layout (``state_uri`` is a local folder or any fsspec URL)::
       pointers/production.json    which period serves; written atomically
       pointers/candidate.json     the newest W_t, not yet tested on the next period
       decisions.jsonl             every gate decision, in order (append-only)
+      packages.jsonl              every model packaged for serving (stage, period, tag)
       LOCK                        held by the run in progress
 
 A bundle is complete only once its manifest (written last, with the sha256 of every
@@ -168,11 +169,31 @@ class StateStore:
         write_bytes_atomic(url, old + line.encode() + b"\n")
 
     def decisions(self) -> list[dict[str, Any]]:
+        return self._records("decisions.jsonl")
+
+    def _records(self, name: str) -> list[dict[str, Any]]:
         try:
-            text = read_bytes(f"{self.uri}/decisions.jsonl").decode()
+            text = read_bytes(f"{self.uri}/{name}").decode()
         except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def record_package(self, record: dict[str, Any]) -> None:
+        """Note a model packaged for serving (stage, period, strategy, its BentoML tag) in
+        packages.jsonl, once per tag (rewritten atomically, like the decision log)."""
+        if any(p.get("tag") == record.get("tag") for p in self.packages()):
+            return
+        url = f"{self.uri}/packages.jsonl"
+        try:
+            old = read_bytes(url)
+        except FileNotFoundError:
+            old = b""
+        line = json.dumps({"recorded_at": _now(), **record}, sort_keys=True, default=str)
+        write_bytes_atomic(url, old + line.encode() + b"\n")
+
+    def packages(self) -> list[dict[str, Any]]:
+        """Every model packaged for serving, in order."""
+        return self._records("packages.jsonl")
 
     def promotion_scores(self, period_id: str) -> dict[str, Any]:
         """The gate scores of the last decision that promoted ``period_id`` ({} if none)."""

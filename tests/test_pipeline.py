@@ -16,7 +16,7 @@ import yaml
 from conftest import tree_digest
 
 from pipelines.daily import bootstrap_pipeline, compile_pipeline, daily_pipeline
-from pipelines.local import run_bootstrap, run_daily
+from pipelines.local import Console, run_bootstrap, run_daily, run_periods, write_report
 from smlrec.daily import load_config, run_period
 from smlrec.data.store import list_periods
 from smlrec.data.synthetic import write_synthetic
@@ -109,14 +109,23 @@ def test_bootstrap_made_a_candidate(booted_once, data):
     assert store.get_pointer("production") is None
 
 
-def test_good_period_is_promoted_packaged_and_becomes_the_base(state, data, tmp_path):
+def test_good_period_is_promoted_packaged_and_becomes_the_base(state, data, tmp_path, capfd):
     p = list_periods(data)
     # The same period, run by the functions the tasks call, in this process (the backtest's
     # parity with those functions is tested in test_daily.py).
     shutil.copytree(state, tmp_path / "in-process")
     here = StateStore(str(tmp_path / "in-process"))
     run_period(data, here, p[6], load_config(here), str(tmp_path / "work"))
-    r = run_daily(p[6], data, state, str(tmp_path / "kfp"), bentoml_home=str(tmp_path / "bento"))
+    capfd.readouterr()
+    runs = tmp_path / "runs"
+    with Console(runs / "logs" / "run.log") as console:  # as `smlrec pipeline demo` runs it
+        [r] = run_periods([p[6]], data, state, runs, console,
+                          bentoml_home=str(tmp_path / "bento"))
+    shown = capfd.readouterr()
+    lines = [line for line in shown.out.replace("\r", "\n").splitlines() if line.strip()]
+    assert len(lines) <= 6 and any(line.startswith(p[6]) for line in lines), shown.out
+    assert "Registry cache" not in shown.out + shown.err  # runner, GX, Feast: in the log
+    assert (runs / "logs" / "run.log").stat().st_size > 0
     assert r["decision"] == "promote", r
     store = StateStore(state)
     assert store.get_pointer("production") == p[5] and store.get_pointer("candidate") == p[6]
@@ -126,6 +135,17 @@ def test_good_period_is_promoted_packaged_and_becomes_the_base(state, data, tmp_
     assert len(models) == 1 and f"period: '{p[5]}'" in models[0].read_text()
     assert f"strategy: {strategy}" in models[0].read_text()
     assert (Path(state) / "features").exists()
+    # The report: figures over time, users, links to the kept reports, the packaged models.
+    kept = runs / "reports" / p[6]
+    assert {"validate.html", "validate.md", "gate.html", "run.json"} <= {
+        f.name for f in kept.iterdir()}
+    assert "<table>" in (kept / "validate.html").read_text()  # the suite's results, as HTML
+    page = write_report(store, runs / "report.html", runs).read_text()
+    for text in ("Recall@20", "users scored", f"href='reports/{p[6]}/validate.html'",
+                 "Step times", "Models packaged", models[0].parent.name, "Run configuration"):
+        assert text in page, text
+    assert f"<td>{r['scores']['popularity']['n_users']}</td>" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
     # Parity: the pipeline's tasks made the same models as the in-process run.
     kfp_tensors = store.load_period(p[6])[0]
     own_tensors = here.load_period(p[6])[0]
