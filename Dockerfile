@@ -17,6 +17,7 @@ RUN pip install --no-cache-dir ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} \
 
 COPY smlrec ./smlrec
 COPY components ./components
+COPY adapters ./adapters
 COPY pipelines ./pipelines
 COPY serving ./serving
 COPY feature_repo ./feature_repo

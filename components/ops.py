@@ -89,7 +89,7 @@ def features_op(period: str, data_uri: str, feature_repo: str, feature_data: str
     """
     from collections import namedtuple
 
-    from components.feast_store import FeatureStoreAdapter
+    from adapters.feast_store import FeatureStoreAdapter
     from smlrec.data.periods import period_bounds
     from smlrec.data.store import list_periods, read_period, read_periods
 

@@ -3,7 +3,7 @@
 This is the only Python file Feast executes in this repo (``feast apply`` imports every
 ``.py`` here not listed in ``.feastignore``). Each object is declared once, with a
 description. The tables behind the sources are computed by :mod:`smlrec.features` and written
-by ``components/feast_store.py`` (``FeatureStoreAdapter.write_period``): one Parquet file per
+by ``adapters/feast_store.py`` (``FeatureStoreAdapter.write_period``): one Parquet file per
 view, ``<feature data>/<view name>.parquet``, compacted from one file per period.
 
 Where the data lives comes from the environment, so the same definitions serve the embedded

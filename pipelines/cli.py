@@ -11,7 +11,7 @@ import typer
 
 from smlrec.data.cli import reports_errors
 
-app = typer.Typer(name="pipeline", no_args_is_help=True,
+app = typer.Typer(name="pipeline", no_args_is_help=True, rich_markup_mode="markdown",
                   help="The Kubeflow pipelines: compile the YAML for the UI, run locally "
                   "(embedded mode), backfill a range of periods, submit or schedule on a "
                   "cluster.")

@@ -156,7 +156,7 @@ class OnlineFeatures:
     POPULAR = "top_items:top_items"  # read by FeatureStoreAdapter.popular_items
 
     def __init__(self, repo: str, data: str):
-        from components.feast_store import FeatureStoreAdapter
+        from adapters.feast_store import FeatureStoreAdapter
 
         self.repo, self.data = repo, data
         self.adapter = FeatureStoreAdapter(repo, data)

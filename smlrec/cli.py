@@ -12,6 +12,7 @@ from smlrec.data.cli import app as data_app
 from smlrec.data.cli import reports_errors
 
 app = typer.Typer(
+    rich_markup_mode="markdown",  # docstrings wrap: one paragraph per blank line
     name="smlrec",
     help="Retrain a recommender every period with Sequential Meta-Learning (SML), "
     "and compare it with the ways recommenders are retrained today.",
@@ -19,15 +20,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data_app, name="data")
-
-# The pipeline commands live with the pipelines (they need KFP); the core library itself
-# never imports KFP, Feast or BentoML.
-try:
-    from pipelines.cli import app as _pipeline_app
-except ModuleNotFoundError:  # an install without the stack extras (kfp)
-    _pipeline_app = None
-if _pipeline_app is not None:
-    app.add_typer(_pipeline_app, name="pipeline")
+# The `pipeline` group is added by pipelines/entry.py, the `smlrec` command's entry point:
+# the core library never imports the orchestrator (nor KFP, Feast or BentoML).
 
 
 @app.callback()

@@ -2,7 +2,7 @@
 
 Every function here turns one period's interactions (see :mod:`smlrec.schema`) into one
 feature table: entity key column(s), an ``event_timestamp`` and the feature columns. The
-tables are what the Feast adapter (``components/feast_store.py``) writes to the offline
+tables are what the Feast adapter (``adapters/feast_store.py``) writes to the offline
 store; nothing here knows about Feast.
 
 Timestamps: a period's aggregates are stamped :func:`feature_timestamp` of the period's

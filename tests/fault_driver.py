@@ -102,8 +102,8 @@ def main(argv: list[str]) -> int:
 
 def zygote() -> int:
     """Serve runs from forked children of one warm process (see the module docstring)."""
+    import adapters.feast_store  # noqa: F401
     import components.expectations  # noqa: F401 - warm imports, shared by every child
-    import components.feast_store  # noqa: F401
     import components.packaging  # noqa: F401
     import smlrec.daily  # noqa: F401
     from smlrec.device import configure_threads
@@ -119,7 +119,7 @@ def zygote() -> int:
     import tempfile  # and Feast on first use of a store: register the repo once, aside
 
     with tempfile.TemporaryDirectory() as tmp:
-        components.feast_store.FeatureStoreAdapter(ROOT / "feature_repo", tmp, env={}).apply()
+        adapters.feast_store.FeatureStoreAdapter(ROOT / "feature_repo", tmp, env={}).apply()
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)

@@ -130,7 +130,7 @@ def assert_consistent(world: dict[str, str]) -> None:
     for bundle in models.glob("*/*/bundle"):
         verify_bundle(str(bundle))
     if Path(world["features"], "registry.db").exists():
-        from components.feast_store import FeatureStoreAdapter
+        from adapters.feast_store import FeatureStoreAdapter
 
         feast = FeatureStoreAdapter(ROOT / "feature_repo", world["features"], env={})
         assert isinstance(feast.popular_items(3), list)  # the online store answers

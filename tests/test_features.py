@@ -147,7 +147,7 @@ def test_side_tables() -> None:
 def feast_store():
     """The adapter module (skips when the stack extra is not installed)."""
     pytest.importorskip("feast")
-    from components import feast_store
+    from adapters import feast_store
 
     return feast_store
 

@@ -186,7 +186,7 @@ def test_a_killed_run_leaves_consistent_state_and_the_next_run_completes(state, 
     p = list_periods(data)
     store = StateStore(state)
     env = {**os.environ, "SMLREC_KFP_DIR": str(tmp_path / "kfp")}
-    cmd = [sys.executable, "-m", "smlrec.cli", "pipeline", "run", "--period", p[6],
+    cmd = [sys.executable, "-m", "pipelines.entry", "pipeline", "run", "--period", p[6],
            "--data-uri", data, "--state-uri", state, "--runs-dir", str(tmp_path / "runs"),
            "--bentoml-home", str(tmp_path / "bento")]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,

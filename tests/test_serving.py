@@ -114,7 +114,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from components.feast_store import FeatureStoreAdapter
+    from adapters.feast_store import FeatureStoreAdapter
     from smlrec.data.store import write_interactions
 
     tmp = tmp_path_factory.mktemp("serving")

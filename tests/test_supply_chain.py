@@ -82,7 +82,7 @@ def test_hostile_period_id_in_the_pipeline_steps_and_cli(tmp_path: Path) -> None
         ops.validate_op.python_func(period="../../etc", data_uri=str(tmp_path), input_file="",
                                     period_spec="1D", min_rows=1, max_rows=10,
                                     report=dsl.Markdown(name="r", uri=str(tmp_path / "r.md")))
-    cli = [sys.executable, "-m", "smlrec.cli", "pipeline", "run", "--period", "../../etc",
+    cli = [sys.executable, "-m", "pipelines.entry", "pipeline", "run", "--period", "../../etc",
            "--data-uri", str(tmp_path / "d"), "--state-uri", str(tmp_path / "s")]
     r = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "invalid period id '../../etc'" in r.stderr

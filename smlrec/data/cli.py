@@ -19,6 +19,7 @@ from smlrec.data.synthetic import write_synthetic
 from smlrec.errors import SmlrecError
 
 app = typer.Typer(
+    rich_markup_mode="markdown",  # docstrings wrap: one paragraph per blank line
     name="data",
     help="Get interaction data into the period-partitioned store: fetch MovieLens-100k, "
     "import your own logs, generate a synthetic stream, inspect a dataset.",
