@@ -52,6 +52,41 @@ def hardware(device: torch.device) -> dict:
     return info
 
 
+def produced_by() -> dict:
+    """Which run produced a figure: the command, the commit (``+dirty`` with uncommitted
+    changes outside benchmarks/results/), the UTC time."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    dirty = [line for line in git("status", "--porcelain").splitlines()
+             if "benchmarks/results/" not in line and "configs/" not in line]
+    module = Path(sys.argv[0]).resolve()
+    try:
+        module = ".".join(module.relative_to(root).with_suffix("").parts)
+    except ValueError:
+        module = str(module)
+    return {"command": " ".join(["python -m", module, *sys.argv[1:]]),
+            "commit": commit + ("+dirty" if dirty else ""),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def provenance_line(p: dict | None) -> str:
+    """``produced_by`` as one Markdown line ('' when the figure predates it)."""
+    if not p:
+        return ""
+    return f"Produced by `{p['command']}` at commit `{p['commit']}`, {p['date']}."
+
+
 def time_growth(results, method: str) -> dict:
     """How a method's training time grows with history: seconds per period at the first and
     last evaluated periods, and the slope in seconds per 10k more history rows."""
@@ -94,6 +129,7 @@ def run(name: str, device: torch.device, progress: bool, seeds: tuple[int, ...],
     summary["time_growth"] = {m: time_growth(results[results["config"] == chosen[m]], m)
                               for m in chosen if m != "pop"}
     summary["wall_seconds"] = time.perf_counter() - start
+    summary["produced_by"] = produced_by()
     suffix = "" if device.type == "cpu" else f"-{device.type}"
     bt.write_outputs(backtest, summary, RESULTS / f"backtest-{name}{suffix}")
     print(bt.format_summary(summary))
@@ -202,6 +238,8 @@ def markdown(out: dict) -> str:
                          f"{m} {v['growth']:.2f}x" for m, v in g.items() if v))
         lines.append("  Chosen configs: " + "; ".join(
             f"{m} {json.dumps(v['params'], sort_keys=True)}" for m, v in d["methods"].items()))
+        if d.get("produced_by"):
+            lines.append("  " + provenance_line(d["produced_by"]))
         periods = d.get("periods") or []
         if periods:
             lines.append("  Users scored per period: " + ", ".join(

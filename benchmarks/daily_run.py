@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.backtest import RESULTS, hardware
+from benchmarks.backtest import RESULTS, hardware, produced_by, provenance_line
 from pipelines.local import run_daily
 from smlrec.daily import DailyConfig, bootstrap
 from smlrec.data import default_data_root
@@ -84,6 +84,7 @@ def main() -> None:
                 continue
             res = fn(Path(tmp))
             res["target_seconds"] = TARGETS[name]
+            res["produced_by"] = produced_by()
             out["cases"][name] = res
             print(f"{name}: {res['rows']:,} rows, whole run {res['run_seconds']:.1f} s "
                   f"(target < {TARGETS[name]:.0f} s), steps: {res['steps']}")
@@ -94,11 +95,13 @@ def main() -> None:
              f"`{out['hardware']['device']}`. Step seconds include each task's process start "
              "(imports of torch, Feast, Great Expectations). Reproduce: "
              "`python -m benchmarks.daily_run`.", "",
-             "| case | rows | whole run (s) | target (s) | steps (s) |", "|---|---|---|---|---|"]
+             "| case | rows | whole run (s) | target (s) | steps (s) | produced by |",
+             "|---|---|---|---|---|---|"]
     for name, r in out["cases"].items():
         steps = ", ".join(f"{k} {v:.1f}" for k, v in r["steps"].items())
         lines.append(f"| {name} | {r['rows']:,} | {r['run_seconds']:.1f} | "
-                     f"{r['target_seconds']:.0f} | {steps} |")
+                     f"{r['target_seconds']:.0f} | {steps} | "
+                     f"{provenance_line(r.get('produced_by')) or 'an earlier run'} |")
     (RESULTS / "daily_run.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS / 'daily_run.json'} and daily_run.md")
 

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.backtest import RESULTS, hardware
+from benchmarks.backtest import RESULTS, hardware, produced_by
 from serving.model import ModelInfo, ServedModel
 from smlrec.device import configure_threads, pick_device
 from smlrec.registry import StateStore
@@ -641,6 +641,7 @@ def main(argv: list[str] | None = None) -> None:
                                                           else argv)
     out: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "hardware": hw,
+        "produced_by": produced_by(),
         "settings": {"sizes": args.sizes, "concurrency": args.concurrency,
                      "batches": args.batches, "duration": args.duration,
                      "warmup": args.warmup, "inproc_duration": args.inproc_duration,

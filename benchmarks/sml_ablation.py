@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 
-from benchmarks.backtest import RESULTS, hardware, prepare
+from benchmarks.backtest import RESULTS, hardware, prepare, produced_by
 from benchmarks.sml_study import score
 from smlrec import backtest as bt
 from smlrec.data.store import read_periods
@@ -71,7 +71,8 @@ def main() -> None:
         rows.append({"label": f"sml: {label}", "method": "sml", **res})
         print(f"{rows[-1]['label']:<62} val {res['val']:.4f} test {res['test']:.4f}",
               flush=True)
-    out = {"hardware": hardware(device), "dataset": args.only, "seeds": list(seeds),
+    out = {"hardware": hardware(device), "produced_by": produced_by(), "dataset": args.only,
+           "seeds": list(seeds),
            "seconds": time.perf_counter() - start, "rows": rows}
     path = RESULTS / f"study-sml-ablation-{args.only}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.backtest import RESULTS, hardware, prepare
+from benchmarks.backtest import RESULTS, hardware, prepare, produced_by
 from smlrec import backtest as bt
 from smlrec.data.store import read_periods
 from smlrec.device import configure_threads, pick_device
@@ -292,7 +292,7 @@ def main() -> None:
     configure_threads()
     device = pick_device(args.device)
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    out = {"hardware": hardware(device),
+    out = {"hardware": hardware(device), "produced_by": produced_by(),
            **study(args.only, args.method, args.trials, args.timeout, seeds, str(device),
                     args.trials_from)}
     if args.trials_from:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.backtest import produced_by
 from benchmarks.serving import PERIOD, Server, build_state, make_model, package_model, run_load
 from smlrec.registry import StateStore
 
@@ -85,7 +86,8 @@ def soak(items: int = 100_000, users: int = 10_000, dim: int = 64, duration: flo
             "load_errors": load["errors"] + load["errors_in_warmup_or_tail"],
             "load_p50_ms": load["latency_ms"]["p50"], "load_p99_ms": load["latency_ms"]["p99"],
             "load_requests_per_s": load["requests_per_s"], "cpu_count": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "produced_by": produced_by()}
 
 
 def record(result: dict[str, Any], out: Path, reliability: Path) -> None:
