@@ -69,7 +69,7 @@ screenshot:
 ## The SML backtest against the retraining baselines on MovieLens-100k.
 backtest: setup
 	$(VENV)/bin/smlrec data fetch
-	$(VENV)/bin/smlrec backtest --dataset ml-100k --period 7D --methods sml,full,finetune,window,pop --out $(OUT)
+	$(VENV)/bin/smlrec backtest --dataset ml-100k --period-spec 7D --methods sml,full,finetune,window,pop --out $(OUT)
 
 ## The Optuna searches on validation periods behind the default grids (about an hour each on
 ## 2 cores): SML's transfer and training, and the sliding window's.

@@ -23,8 +23,8 @@ BOOTSTRAP_YAML = HERE / "bootstrap.yaml"
 DataOpt = Annotated[str, typer.Option(help="Period-partitioned interaction store.")]
 StateOpt = Annotated[str, typer.Option(help="State store (models, pointers, decisions).")]
 BentoOpt = Annotated[str, typer.Option(
-    help="BentoML model store the package steps write to and `make serve` reads (default: "
-    "$BENTOML_HOME, else ~/bentoml).")]
+    help="BentoML model store the package steps write to and `make serve` reads; empty: "
+    "$BENTOML_HOME, else BentoML's ~/bentoml.")]
 
 
 @app.command()

@@ -40,6 +40,7 @@ def backtest(
         help="Where the dataset is stored (default: data/<dataset>, or $SMLREC_DATA/<dataset>). "
         "Fill it with `smlrec data fetch`, `data import` or `data synth`.")] = None,
     period: Annotated[str | None, typer.Option(
+        "--period-spec",
         help="Check that the stored period length is this (e.g. 7D); the data store fixes it.")]
     = None,
     methods: Annotated[str, typer.Option(
@@ -97,7 +98,7 @@ def backtest(
     info = read_dataset_info(root)
     if period and info.get("period") != period:
         raise DataError(root, f"stored with period {info.get('period')!r}, not {period!r}; "
-                        f"re-create it with --period {period}")
+                        f"re-create it with --period-spec {period}")
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(names) - set(bt.DEFAULT_GRIDS))
     if unknown:

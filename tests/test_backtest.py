@@ -145,7 +145,7 @@ def test_backtest_cli_reports_bad_arguments_clearly(small_stream, tmp_path):
     r = runner.invoke(app, ["backtest", "--data-root", str(small_stream), "--methods",
                             "sml,magic", "--no-progress"])
     assert r.exit_code == 2 and "magic" in r.output
-    r = runner.invoke(app, ["backtest", "--data-root", str(small_stream), "--period", "7D",
+    r = runner.invoke(app, ["backtest", "--data-root", str(small_stream), "--period-spec", "7D",
                             "--no-progress"])
     assert r.exit_code == 2 and "7D" in r.output
     bad = tmp_path / "grid.json"

@@ -446,7 +446,7 @@ def test_cli_fetch_and_info(tmp_path: Path, ml100k_cache: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "ml"
     result = runner.invoke(
-        app, ["fetch", "--out", str(out), "--cache-dir", str(ml100k_cache), "--period", "1D"]
+        app, ["fetch", "--out", str(out), "--cache-dir", str(ml100k_cache), "--period-spec", "1D"]
     )
     assert result.exit_code == 0, result.output
     assert "55,375 interactions, 942 users, 1,447 items" in result.stdout
@@ -463,7 +463,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {bad}: 1 timestamps could not be parsed")
     assert "Traceback" not in result.output
-    result = runner.invoke(app, ["synth", "--out", str(tmp_path / "s"), "--period", "1W"])
+    result = runner.invoke(app, ["synth", "--out", str(tmp_path / "s"), "--period-spec", "1W"])
     assert result.exit_code == 2 and "invalid period '1W'" in result.stderr
     result = runner.invoke(app, ["info", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "error:" in result.stderr

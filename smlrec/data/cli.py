@@ -80,7 +80,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 PeriodOpt = Annotated[
     str,
     typer.Option(
-        "--period", callback=_check_period, help="Period length: ND days, e.g. 1D or 7D (weeks)."
+        "--period-spec", callback=_check_period,
+        help="Period length: ND days, e.g. 1D or 7D (weeks).",
     ),
 ]
 OutOpt = Annotated[

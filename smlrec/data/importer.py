@@ -296,7 +296,7 @@ def import_file(
         raise DataError(
             out_root,
             f"this dataset uses {previous['period']} periods, not {period}: "
-            f"import with --period {previous['period']} or into another --out",
+            f"import with --period-spec {previous['period']} or into another --out",
         )
     raw = read_table(path, sep=sep)
     df = normalize(raw, path, period=period, **kwargs)
