@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,49 @@ def reliability():
     rec = Reliability()
     yield rec
     rec.write()
+
+
+# ----------------------------------------------------------------------------- a clean tree
+# A test run must leave the working tree as it found it (figures files are written by
+# benchmarks and make targets, never by `make test`): the session fails if
+# `git status --porcelain` differs at the end from what it was at the start.
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _git_status() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                             cwd=_ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_STATUS] = _git_status()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(_STATUS, None)
+    after = _git_status()
+    if before is None or after is None or before == after:
+        return
+    changed = sorted(set(after.splitlines()) ^ set(before.splitlines()))
+    asked = os.environ.get("SMLREC_RELIABILITY_JSON")  # `make reliability` writes this one
+    if asked:
+        changed = [line for line in changed if Path(asked).name not in line]
+    if not changed:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("the test session changed the working tree (git status "
+                            "--porcelain):", red=True)
+        for line in changed[:20]:
+            reporter.write_line(f"  {line}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_STATUS = pytest.StashKey[str | None]()
