@@ -248,7 +248,7 @@ def test_bad_input_names_file_and_problem(
 
 
 def test_import_refuses_a_different_period_spec(tmp_path: Path) -> None:
-    src = _write(tmp_path / "a.csv", "user_id,item_id,timestamp\nu,i,1\n")
+    src = _write(tmp_path / "a.csv", "user_id,item_id,timestamp\nu,i,1700000000\n")
     import_file(src, tmp_path / "out", period="7D")
     with pytest.raises(DataError, match="uses 7D periods, not 1D"):
         import_file(src, tmp_path / "out", period="1D")

@@ -74,7 +74,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"{summary['n_items']:,} items, {summary['n_periods']} periods of {summary['period']} "
         f"({summary['first_period']} .. {summary['last_period']})"
     )
-    typer.echo(f"written to {summary['root']}")
+    typer.echo(f"Written to {summary['root']}")
 
 
 PeriodOpt = Annotated[
@@ -119,11 +119,27 @@ def fetch(
 @app.command("import")
 @reports_errors
 def import_(
-    file: Annotated[str, typer.Argument(help="CSV, TSV, .inter or Parquet file (path or URL).")],
+    file: Annotated[str, typer.Argument(
+        help="CSV, TSV, .inter, Parquet or JSON-lines file (path or URL; text may be "
+        "compressed: .gz, .bz2, .xz, .zst).")],
     out: OutOpt = None,
+    fmt: Annotated[str | None, typer.Option(
+        "--format", help="csv, tsv, parquet or jsonl. (default: from the suffix; .dat, .txt "
+        "and others need --format or --sep)")] = None,
+    sep: Annotated[str | None, typer.Option(
+        help="Text separator, taken literally, e.g. '::' (MovieLens-1M ratings.dat) or "
+        "'|'. (default: the format's)")] = None,
+    no_header: Annotated[bool, typer.Option(
+        "--no-header", help="The file has no header row: columns are named by position, "
+        "0, 1, 2... (e.g. --user-col 0 --item-col 1 --time-col 3).")] = False,
     user_col: Annotated[str, typer.Option(help="Column holding user ids.")] = "user_id",
     item_col: Annotated[str, typer.Option(help="Column holding item ids.")] = "item_id",
-    time_col: Annotated[str, typer.Option(help="Column holding timestamps.")] = "timestamp",
+    time_col: Annotated[str, typer.Option(
+        help="Column holding timestamps, or several columns, comma-separated, holding year, "
+        "month, day[, hour, minute, second] (e.g. year,month,day).")] = "timestamp",
+    time_format: Annotated[str | None, typer.Option(
+        help="strftime format of text timestamps, e.g. '%d/%m/%Y' (default: inferred; "
+        "ISO 8601 always works).")] = None,
     rating_col: Annotated[
         str | None,
         typer.Option(
@@ -136,21 +152,28 @@ def import_(
         str,
         typer.Option(
             callback=_check_time_unit,
-            help="Unit of numeric (unix epoch) timestamps: s, ms, us or ns.",
+            help="Unit of numeric (unix epoch) timestamps: s, ms, us, ns or D (days).",
         ),
     ] = "s",
     period: PeriodOpt = "1D",
     name: Annotated[
         str | None, typer.Option(help="Dataset name in dataset.json. (default: file stem)")
     ] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Import even when the import looks wrong (times before 1990 or in "
+        "the future, a whole log in one period, most rows dropped).")] = False,
 ) -> None:
-    """Import an interaction log (CSV, TSV, .inter or Parquet) into the store.
+    """Import an interaction log (CSV, TSV, .inter, Parquet or JSON lines) into the store.
 
-    Every kept row is a positive; ids become strings.
-    Numeric timestamps are unix epochs in --time-unit;
-    text ones are parsed (no offset means UTC).
-    The file's periods replace the same periods at --out, other periods stay:
-    daily logs can be imported one after another.
+    Every kept row is a positive; ids become strings. Numeric timestamps are unix epochs in
+    --time-unit; text ones are parsed (no offset means UTC).
+
+    The file's periods replace the same periods at --out, other periods stay: daily logs
+    can be imported one after another.
+
+    A report (rows read, rows dropped by reason, columns ignored, rows per period) is
+    printed and saved as import_report.json beside the data. An import that looks wrong
+    stops, writes nothing and says which option fixes it (--force imports it anyway).
     """
     stem = Path(file.split("?")[0]).name.split(".")[0]
     summary = import_file(
@@ -163,10 +186,23 @@ def import_(
         rating_col=rating_col or "rating",
         min_rating=min_rating,
         time_unit=time_unit,
+        time_format=time_format,
         period=period,
+        fmt=fmt,
+        sep="\t" if sep in ("\\t", "tab") else sep,  # a tab as typed in a shell
+        header=not no_header,
+        force=force,
     )
-    typer.echo(f"read {summary['rows_read']:,} rows, kept {summary['rows_imported']:,}")
+    report = summary["report"]
+    dropped = ", ".join(f"{n:,} {why}" for why, n in report["dropped"].items()) or "none"
+    typer.echo(f"Read {summary['rows_read']:,} rows, kept {summary['rows_imported']:,} "
+               f"(dropped: {dropped}).")
+    if report["columns_ignored"]:
+        typer.echo(f"Columns ignored: {', '.join(report['columns_ignored'])}.")
+    for warning in report["warnings"]:
+        typer.echo(f"Warning (imported with --force): {warning}")
     _print_summary(summary)
+    typer.echo(f"Import report: {summary['root'].rstrip('/')}/import_report.json")
 
 
 @app.command()

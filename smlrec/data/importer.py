@@ -1,11 +1,16 @@
-"""Read interaction logs (CSV, TSV, RecBole ``.inter``, Parquet) into the canonical frame.
+"""Read interaction logs (CSV, TSV, RecBole ``.inter``, Parquet, JSON lines) into the
+canonical frame.
 
 Every problem with the input is reported as one :class:`~smlrec.errors.DataError` that names
-the file and the problem, never as a parser traceback.
+the file, the problem and the option that fixes it, never as a parser traceback. An import
+that looks wrong (times before 1990 or in the future, a whole log in one period, most rows
+dropped) stops and says why, unless the caller passes ``force``; every import writes a
+report (rows read, rows dropped by reason, columns ignored, rows per period) beside the data.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import PurePosixPath
@@ -26,12 +31,16 @@ from smlrec.data.store import (
     write_interactions,
 )
 from smlrec.errors import DataError
-from smlrec.schema import ITEM, RATING, TS, USER
+from smlrec.schema import ITEM, PERIOD, RATING, TS, USER
 
 TEXT_SEPARATORS = {".csv": ",", ".tsv": "\t", ".inter": "\t"}
 PARQUET_SUFFIXES = (".parquet", ".pq")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
-_NS_PER_UNIT = {"s": 1e9, "ms": 1e6, "us": 1e3, "ns": 1.0}
+FORMATS = ("csv", "tsv", "parquet", "jsonl")
+_NS_PER_UNIT = {"s": 1e9, "ms": 1e6, "us": 1e3, "ns": 1.0, "D": 86400e9}
+REPORT_FILE = "import_report.json"
+EARLIEST_PLAUSIBLE = pd.Timestamp("1990-01-01", tz="UTC")
 TIME_UNITS = tuple(_NS_PER_UNIT)
 # RecBole atomic files type their headers: ``user_id:token``, ``rating:float``...
 _TYPED_HEADER = re.compile(r"(.+):(token|token_seq|float|float_seq)")
@@ -52,12 +61,21 @@ def _strip_typed_headers(df: pd.DataFrame) -> pd.DataFrame:
     return df.rename(columns=names) if names else df
 
 
-def _read_text(path: str, sep: str) -> pd.DataFrame:
-    """Read a delimited text file with every column as text (``normalize`` types them)."""
+def _read_text(path: str, sep: str, header: bool = True) -> pd.DataFrame:
+    """Read a delimited text file with every column as text (``normalize`` types them).
+    A separator of several characters (MovieLens-1M's ``::``) is taken literally. Without a
+    header, columns are named by position: ``0``, ``1``, ..."""
+    options: dict[str, Any] = {"sep": sep}
+    if len(sep) > 1:
+        options = {"sep": re.escape(sep), "engine": "python"}
+    if not header:
+        options["header"] = None
     try:
         with fsspec.open(path, "rb", compression="infer") as f, warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)  # rows longer than header
-            df = pd.read_csv(f, sep=sep, dtype=str, encoding="utf-8", index_col=False)
+            df = pd.read_csv(f, dtype=str, encoding="utf-8", index_col=False, **options)
+            if not header:
+                df.columns = [str(c) for c in df.columns]
     except pd.errors.EmptyDataError as exc:
         raise DataError(path, "empty file (no rows)") from exc
     except UnicodeDecodeError as exc:
@@ -90,25 +108,49 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def read_table(path: str, *, sep: str | None = None) -> pd.DataFrame:
-    """Read a CSV/TSV/``.inter`` or Parquet file from a local path or any fsspec URL.
+def _read_jsonl(path: str) -> pd.DataFrame:
+    """Read a JSON-lines file (one object per line), every value kept as read."""
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f:
+            return pd.read_json(f, lines=True, dtype=False, convert_dates=False)
+    except ValueError as exc:
+        raise DataError(path, f"file is not JSON lines (one object per line): "
+                        f"{_first_line(exc)}") from exc
 
-    The format comes from the suffix (``.csv``, ``.tsv``, ``.inter``, ``.parquet``, ``.pq``;
-    text files may be compressed, e.g. ``.csv.gz``). ``sep`` overrides the text separator
-    (and lets any other suffix be read as text). Text columns are all read as strings;
-    :func:`normalize` converts them.
+
+def read_table(path: str, *, sep: str | None = None, fmt: str | None = None,
+               header: bool = True) -> pd.DataFrame:
+    """Read an interaction file from a local path or any fsspec URL.
+
+    The format is ``fmt`` (csv, tsv, parquet, jsonl), else the suffix's (``.csv``,
+    ``.tsv``, ``.inter``, ``.parquet``, ``.pq``, ``.jsonl``, ``.ndjson``; text files may be
+    compressed, e.g. ``.csv.gz``). ``sep`` sets the text separator (several characters, such
+    as ``::``, are taken literally) and lets any other suffix (``.dat``, ``.txt``) be read as
+    text; ``header=False`` names the columns by position (``0``, ``1``...). Text columns are
+    all read as strings; :func:`normalize` converts them.
     """
     path = str(path)
     suffix = _suffix(path)
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(path, f"unknown --format {fmt!r}: choose from {', '.join(FORMATS)}")
+    kind = fmt or ("parquet" if suffix in PARQUET_SUFFIXES else "jsonl"
+                   if suffix in JSONL_SUFFIXES else "text" if suffix in TEXT_SEPARATORS
+                   or sep is not None else None)
     try:
-        if suffix in PARQUET_SUFFIXES:
+        if kind == "parquet":
             return _read_parquet(path)
-        if suffix in TEXT_SEPARATORS or sep is not None:
-            return _read_text(path, sep or TEXT_SEPARATORS[suffix])
+        if kind == "jsonl":
+            return _read_jsonl(path)
+        if kind is not None:
+            default = {"csv": ",", "tsv": "\t"}.get(kind) or TEXT_SEPARATORS.get(suffix, ",")
+            return _read_text(path, sep or default, header)
     except FileNotFoundError as exc:
         raise DataError(path, "file not found") from exc
-    known = ", ".join([*TEXT_SEPARATORS, *PARQUET_SUFFIXES])
-    raise DataError(path, f"unknown file type {suffix or '(no suffix)'!r} (expected {known})")
+    known = ", ".join([*TEXT_SEPARATORS, *PARQUET_SUFFIXES, *JSONL_SUFFIXES])
+    hint = ("; MovieLens .dat files: --sep '::' --no-header" if suffix == ".dat" else
+            "; a file of one JSON object per line: --format jsonl" if suffix == ".json" else "")
+    raise DataError(path, f"unknown file type {suffix or '(no suffix)'!r} (expected {known}; "
+                    f"or say how to read it: --format {'|'.join(FORMATS)}, or --sep){hint}")
 
 
 def _missing_columns(df: pd.DataFrame, wanted: dict[str, str]) -> str | None:
@@ -118,8 +160,10 @@ def _missing_columns(df: pd.DataFrame, wanted: dict[str, str]) -> str | None:
         return None
     names = ", ".join(repr(c) for c in missing.values())
     found = ", ".join(str(c) for c in df.columns)
-    flags = ", ".join(_FLAG[c] for c in missing)
-    return f"missing column(s) {names} (found: {found}); set {flags}"
+    flags = ", ".join(_FLAG[c.split(":")[0]] for c in missing)
+    hint = ("; only one column was read: set --sep (e.g. --sep '::', --sep ';' or "
+            "--format tsv)" if len(df.columns) == 1 else "")
+    return f"missing column(s) {names} (found: {found}); set {flags}{hint}"
 
 
 def _first_bad(values: pd.Series, bad: np.ndarray) -> str:
@@ -153,10 +197,54 @@ def _id_text(value: Any) -> str:
     return str(value)
 
 
-def _parse_timestamps(values: pd.Series, time_unit: str, source: str) -> pd.Series:
+_PARTS = ("year", "month", "day", "hour", "minute", "second")
+
+
+def _assemble_time(raw: pd.DataFrame, cols: list[str], source: str) -> pd.Series:
+    """UTC timestamps from separate columns, in the order year, month, day[, hour, minute,
+    second] (missing trailing parts are 0, a missing day is the 1st)."""
+    if len(cols) > len(_PARTS):
+        raise DataError(source, f"--time-col takes at most {len(_PARTS)} columns "
+                        f"({', '.join(_PARTS)}), not {len(cols)}")
+    parts = {}
+    for part, col in zip(_PARTS, cols, strict=False):
+        numbers = pd.to_numeric(raw[col], errors="coerce")
+        bad = numbers.isna().to_numpy()
+        if bad.any():
+            raise DataError(source, f"{int(bad.sum())} values of the {part} column {col!r} are "
+                            f"not numbers (first: {_first_bad(raw[col], bad)})")
+        parts[part] = numbers.astype("int64")
+    parts.setdefault("month", pd.Series(1, index=raw.index))
+    parts.setdefault("day", pd.Series(1, index=raw.index))
+    try:
+        parsed = pd.to_datetime(pd.DataFrame(parts), utc=True, errors="coerce")
+    except ValueError as exc:
+        raise DataError(source, f"the --time-col columns {', '.join(cols)} do not make dates "
+                        f"(read as {', '.join(list(parts)[:len(cols)])}): {_first_line(exc)}"
+                        ) from exc
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        shown = "-".join(str(raw[c].iloc[pos]) for c in cols)
+        raise DataError(source, f"{int(bad.sum())} rows have no valid date in --time-col "
+                        f"{','.join(cols)} (read as {', '.join(list(parts)[:len(cols)])}; "
+                        f"first: {shown} at row {pos + 1})")
+    return parsed.dt.as_unit("ns")
+
+
+def _parse_timestamps(values: pd.Series, time_unit: str, source: str,
+                      time_format: str | None = None) -> pd.Series:
     """Return ``datetime64[ns, UTC]`` timestamps; any unparseable value is an error."""
     if pd.api.types.is_bool_dtype(values):
         raise DataError(source, "timestamps are true/false values, not times")
+    if time_format:
+        text = values.astype(str).str.strip().where(values.notna())
+        parsed = pd.to_datetime(text, format=time_format, utc=True, errors="coerce")
+        bad = parsed.isna().to_numpy()
+        if bad.any():
+            raise DataError(source, f"{int(bad.sum())} timestamps do not match --time-format "
+                            f"{time_format!r} (first: {_first_bad(values, bad)})")
+        return parsed.dt.as_unit("ns")
     numeric = values if pd.api.types.is_numeric_dtype(values) else None
     if numeric is None and not pd.api.types.is_datetime64_any_dtype(values):
         as_number = pd.to_numeric(values, errors="coerce")
@@ -218,48 +306,76 @@ def normalize(
     *,
     user_col: str = USER,
     item_col: str = ITEM,
-    time_col: str = TS,
+    time_col: str | list[str] = TS,
     rating_col: str | None = RATING,
     time_unit: str = "s",
     min_rating: float | None = 4.0,
     period: str = "1D",
+    time_format: str | None = None,
+    report: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Turn a raw table into the canonical interactions frame (every row a positive).
 
     - ids become stripped strings (whole numbers without ``.0``); null or empty ids are errors;
-    - numeric timestamps are unix epochs in ``time_unit``; text is parsed to UTC (naive = UTC);
+    - numeric timestamps are unix epochs in ``time_unit`` (s, ms, us, ns or D: days); text is
+      parsed to UTC (naive = UTC), with ``time_format`` (strftime codes) when given;
+      ``time_col`` may name several columns (a list, or comma-separated): year, month, day
+      and optionally hour, minute, second, in that order;
     - if the rating column exists, rows with ``rating < min_rating`` are dropped (all kept if
       ``min_rating`` is None). ``rating_col=None`` ignores ratings; the default ``"rating"`` is
       optional, any other name must exist;
     - exact duplicate rows are dropped; rows are sorted by time (then user, item);
     - the ``period`` column is added for the period spec ``period``.
 
-    ``source`` names the input in error messages (:class:`DataError`).
+    ``source`` names the input in error messages (:class:`DataError`). ``report``, when
+    given, receives what happened: rows read, rows dropped by reason, columns ignored.
     """
     parse_period(period)
     if time_unit not in TIME_UNITS:
         raise ValueError(f"invalid time unit {time_unit!r}: expected one of {TIME_UNITS}")
     if df.empty:
         raise DataError(source, "empty file (no rows)")
-    wanted = {USER: user_col, ITEM: item_col, TS: time_col}
+    df = df.reset_index(drop=True)
+    time_cols = ([c.strip() for c in time_col.split(",") if c.strip()]
+                 if isinstance(time_col, str) else list(time_col))
+    wanted = {USER: user_col, ITEM: item_col}
+    wanted.update({f"{TS}:{i}": c for i, c in enumerate(time_cols)} if len(time_cols) > 1
+                  else {TS: time_cols[0]})
     if rating_col is not None and (rating_col != RATING or RATING in df.columns):
         wanted[RATING] = rating_col
     problem = _missing_columns(df, wanted)
     if problem:
         raise DataError(source, problem)
-    raw = df[list(wanted.values())].set_axis(list(wanted), axis=1).reset_index(drop=True)
+    if len(time_cols) > 1:
+        times = _assemble_time(df, time_cols, source)
+    else:
+        times = _parse_timestamps(df[time_cols[0]], time_unit, source, time_format)
     out = pd.DataFrame(
         {
-            USER: _ids_to_str(raw[USER], "user", source),
-            ITEM: _ids_to_str(raw[ITEM], "item", source),
-            TS: _parse_timestamps(raw[TS], time_unit, source),
+            USER: _ids_to_str(df[user_col], "user", source),
+            ITEM: _ids_to_str(df[item_col], "item", source),
+            TS: times,
         }
     )
-    if RATING in raw.columns:
-        out[RATING] = _parse_ratings(raw[RATING], source)
+    dropped: dict[str, int] = {}
+    if RATING in wanted:
+        out[RATING] = _parse_ratings(df[wanted[RATING]], source)
         if min_rating is not None:
+            before = len(out)
             out = _keep_positives(out, min_rating, source)
+            dropped[f"rating below {min_rating:g}"] = before - len(out)
+    before = len(out)
     out = out.drop_duplicates().sort_values([TS, USER, ITEM], kind="stable", ignore_index=True)
+    dropped["exact duplicates"] = before - len(out)
+    if report is not None:
+        used = set(wanted.values())
+        report.update({"rows_read": len(df), "rows_kept": len(out),
+                       "dropped": {k: int(v) for k, v in dropped.items() if v},
+                       "columns_used": {USER: user_col, ITEM: item_col,
+                                        TS: ",".join(time_cols),
+                                        **({RATING: wanted[RATING]} if RATING in wanted
+                                           else {})},
+                       "columns_ignored": [str(c) for c in df.columns if c not in used]})
     return assign_periods(out, period)
 
 
@@ -273,6 +389,34 @@ def _keep_positives(df: pd.DataFrame, min_rating: float, source: str) -> pd.Data
     return kept
 
 
+def plausibility(df: pd.DataFrame, report: dict[str, Any], *, first_import: bool,
+                 time_unit: str = "s", now: pd.Timestamp | None = None) -> list[str]:
+    """What makes an import look wrong, each with the option that fixes it ([]: nothing)."""
+    problems = []
+    now = now or pd.Timestamp.now(tz="UTC")
+    first, last = df[TS].min(), df[TS].max()
+    cols = report.get("columns_used", {}).get(TS, TS)
+    if first < EARLIEST_PLAUSIBLE:
+        problems.append(
+            f"the earliest time is {first:%Y-%m-%d %H:%M:%S} UTC, before 1990: numbers in "
+            f"--time-col {cols} are read as unix epoch {time_unit}; if they are years (or "
+            "dates in parts), pass --time-col year,month,day; else set --time-unit")
+    if last > now + pd.Timedelta(days=1):
+        problems.append(f"the latest time is {last:%Y-%m-%d} UTC, in the future: is "
+                        f"--time-unit {time_unit} right (ms and us epochs are 1000x longer)?")
+    periods = df[PERIOD].nunique()
+    if first_import and periods == 1 and len(df) >= 1000:
+        problems.append(f"all {len(df):,} rows fall in one period ({df[PERIOD].iloc[0]}): "
+                        "check --time-col and --time-unit, or a longer log needs a shorter "
+                        "--period-spec")
+    read, kept = report.get("rows_read", len(df)), report.get("rows_kept", len(df))
+    if read and kept < read / 2:
+        reasons = ", ".join(f"{n:,} {why}" for why, n in report.get("dropped", {}).items())
+        problems.append(f"only {kept:,} of {read:,} rows were kept ({reasons}): check "
+                        "--min-rating and --rating-col")
+    return problems
+
+
 def import_file(
     path: str,
     out_root: str,
@@ -280,15 +424,21 @@ def import_file(
     period: str = "1D",
     name: str | None = None,
     sep: str | None = None,
+    fmt: str | None = None,
+    header: bool = True,
+    force: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Import one interaction file into the store at ``out_root``; return the dataset summary.
 
-    ``kwargs`` go to :func:`normalize` (column names, ``min_rating``, ``time_unit``...). The
-    periods in the file replace the same periods already stored; other stored periods stay,
-    so daily files can be imported one after another into the same root (with the same period
-    spec). ``name`` (default: the stored name, else the file's stem) goes in ``dataset.json``.
-    The summary adds ``rows_read`` and ``rows_imported`` to :func:`summarize`'s keys.
+    ``kwargs`` go to :func:`normalize` (column names, ``min_rating``, ``time_unit``,
+    ``time_format``...); ``sep``, ``fmt`` and ``header`` to :func:`read_table`. The periods
+    in the file replace the same periods already stored; other stored periods stay, so
+    daily files can be imported one after another into the same root (with the same period
+    spec). ``name`` (default: the stored name, else the file's stem) goes in
+    ``dataset.json``. An import that looks wrong (:func:`plausibility`) stops with a
+    :class:`DataError` naming the fix, unless ``force``. The summary adds ``rows_read``,
+    ``rows_imported`` and ``report`` (also written to ``<out_root>/import_report.json``).
     """
     path, out_root = str(path), str(out_root)
     previous = read_dataset_info(out_root) if has_dataset(out_root) else None
@@ -298,9 +448,23 @@ def import_file(
             f"this dataset uses {previous['period']} periods, not {period}: "
             f"import with --period-spec {previous['period']} or into another --out",
         )
-    raw = read_table(path, sep=sep)
-    df = normalize(raw, path, period=period, **kwargs)
+    raw = read_table(path, sep=sep, fmt=fmt, header=header)
+    report: dict[str, Any] = {"source": path}
+    df = normalize(raw, path, period=period, report=report, **kwargs)
+    problems = plausibility(df, report, first_import=previous is None,
+                            time_unit=kwargs.get("time_unit", "s"))
+    if problems and not force:
+        raise DataError(path, "this import looks wrong, nothing was written: "
+                        + "; ".join(problems) + " (pass --force to import it anyway)")
+    counts = df[PERIOD].value_counts().sort_index()
+    report.update({"users": int(df[USER].nunique()), "items": int(df[ITEM].nunique()),
+                   "periods": int(len(counts)), "period_spec": period,
+                   "first": str(df[TS].min()), "last": str(df[TS].max()),
+                   "rows_per_period": {str(k): int(v) for k, v in counts.items()},
+                   "warnings": problems, "forced": bool(problems and force)})
     write_interactions(df, out_root)
+    with fsspec.open(f"{out_root.rstrip('/')}/{REPORT_FILE}", "w") as fh:
+        json.dump(report, fh, indent=1)
     sources = [s for s in (previous or {}).get("sources", []) if s.get("path") != path]
     info = write_dataset_info(
         out_root,
@@ -308,7 +472,8 @@ def import_file(
         period,
         sources=[*sources, {"path": path, "sha256": file_sha256(path)}],
     )
-    return {**summarize(out_root, info), "rows_read": len(raw), "rows_imported": len(df)}
+    return {**summarize(out_root, info), "rows_read": len(raw), "rows_imported": len(df),
+            "report": report}
 
 
 def _stem(path: str) -> str:
