@@ -350,7 +350,7 @@ def resolve_period_op(period: str, scheduled_time: str, period_spec: str
     """
     from collections import namedtuple
 
-    from smlrec.data.periods import parse_period, period_id, period_start
+    from smlrec.data.periods import period_id, period_start, previous_period_start
     from smlrec.registry import check_period_id
 
     out = namedtuple("Outputs", ["period"])
@@ -360,4 +360,4 @@ def resolve_period_op(period: str, scheduled_time: str, period_spec: str
 
     when = pd.Timestamp(scheduled_time)
     when = when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
-    return out(period_id(period_start(when, period_spec) - parse_period(period_spec)))
+    return out(period_id(previous_period_start(period_start(when, period_spec), period_spec)))

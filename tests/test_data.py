@@ -43,7 +43,7 @@ def test_parse_period_accepts_whole_days(spec: str, days: int) -> None:
     assert parse_period(spec) == pd.Timedelta(days=days)
 
 
-@pytest.mark.parametrize("spec", ["", "0D", "-1D", "1W", "1.5D", "D", "7", "1H", "7D7D"])
+@pytest.mark.parametrize("spec", ["", "0D", "-1D", "1W", "1.5D", "D", "7", "1H", "7D7D", "2M"])
 def test_parse_period_rejects_other_specs(spec: str) -> None:
     with pytest.raises(ValueError, match="invalid period"):
         parse_period(spec)

@@ -157,3 +157,33 @@ def test_force_imports_what_looks_wrong_and_says_so(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Warning (imported with --force)" in result.output
     assert json.loads((out / "import_report.json").read_text())["forced"] is True
+
+
+def test_calendar_periods_start_on_the_first_day_and_gaps_are_reported(tmp_path: Path) -> None:
+    from smlrec.data.periods import next_period_start, period_bounds, period_range, period_start
+
+    ts = pd.Series(pd.to_datetime(["2024-01-31 23:59", "2024-02-01 00:00", "2024-02-29 12:00",
+                                   "2024-05-15 00:00"], utc=True))
+    assert [str(s.date()) for s in period_start(ts, "M")] == [
+        "2024-01-01", "2024-02-01", "2024-02-01", "2024-05-01"]
+    assert [str(s.date()) for s in period_start(ts, "Q")] == [
+        "2024-01-01", "2024-01-01", "2024-01-01", "2024-04-01"]
+    assert str(period_start(ts, "W").iloc[0].date()) == "2024-01-29"  # ISO week: a Monday
+    assert period_bounds("2024-02-01", "M") == (pd.Timestamp("2024-02-01", tz="UTC"),
+                                                pd.Timestamp("2024-03-01", tz="UTC"))
+    assert next_period_start(pd.Timestamp("2024-12-01", tz="UTC"), "M") == pd.Timestamp(
+        "2025-01-01", tz="UTC")
+    with pytest.raises(ValueError, match="not the first day"):
+        period_bounds("2024-02-02", "M")
+    assert period_range("2024-01-01", "2024-05-01", "M") == [
+        "2024-01-01", "2024-02-01", "2024-03-01", "2024-04-01", "2024-05-01"]
+    src = tmp_path / "monthly.csv"
+    src.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"u{i},i{i},{t}\n" for i, t in enumerate(ts.dt.strftime("%Y-%m-%dT%H:%M:%SZ"))))
+    result = CliRunner().invoke(app, ["import", str(src), "--out", str(tmp_path / "m"),
+                                      "--period-spec", "M"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m" / "import_report.json").read_text())
+    assert report["rows_per_period"] == {"2024-01-01": 1, "2024-02-01": 2, "2024-05-01": 1}
+    assert report["empty_periods"] == ["2024-03-01", "2024-04-01"]
+    assert "Empty periods (no rows, kept as gaps): 2024-03-01, 2024-04-01" in result.output

@@ -45,7 +45,7 @@ def reports_errors(command: F) -> F:
 
 
 def _check_period(spec: str) -> str:
-    """Typer callback: reject period specs other than ``ND``."""
+    """Typer callback: ``ND`` (N-day blocks) or W, M, Q (calendar weeks, months, quarters)."""
     try:
         parse_period(spec)
     except ValueError as exc:
@@ -81,7 +81,8 @@ PeriodOpt = Annotated[
     str,
     typer.Option(
         "--period-spec", callback=_check_period,
-        help="Period length: ND days, e.g. 1D or 7D (weeks).",
+        help="Period length: ND days (1D, 7D: Monday-Sunday weeks), or a calendar period: W "
+        "(ISO weeks), M (months), Q (quarters).",
     ),
 ]
 OutOpt = Annotated[
@@ -199,6 +200,11 @@ def import_(
                f"(dropped: {dropped}).")
     if report["columns_ignored"]:
         typer.echo(f"Columns ignored: {', '.join(report['columns_ignored'])}.")
+    if report["empty_periods"]:
+        shown = ", ".join(report["empty_periods"][:5])
+        more = len(report["empty_periods"]) - 5
+        typer.echo(f"Empty periods (no rows, kept as gaps): {shown}"
+                   + (f" and {more} more" if more > 0 else "") + ".")
     for warning in report["warnings"]:
         typer.echo(f"Warning (imported with --force): {warning}")
     _print_summary(summary)

@@ -1,8 +1,10 @@
-"""Retraining periods: fixed N-day blocks of UTC time.
+"""Retraining periods: N-day blocks or calendar weeks, months and quarters of UTC time.
 
-Periods are anchored at :data:`ORIGIN` (Monday 1970-01-05 00:00 UTC), so ``"7D"`` gives
-Monday-to-Sunday weeks (the same blocks as pandas ``W-SUN`` periods) and ``"1D"`` gives UTC
-calendar days. A period is named by the date of its first day, ``YYYY-MM-DD``.
+``"ND"`` periods are N-day blocks anchored at :data:`ORIGIN` (Monday 1970-01-05 00:00 UTC),
+so ``"7D"`` gives Monday-to-Sunday weeks and ``"1D"`` UTC calendar days. ``"W"`` is the ISO
+week (Monday to Sunday, the same blocks as ``"7D"``), ``"M"`` the calendar month, ``"Q"``
+the calendar quarter. A period is named by the date of its first day, ``YYYY-MM-DD``; the
+period after one is the next block or calendar period (:func:`next_period_start`).
 """
 
 from __future__ import annotations
@@ -19,17 +21,47 @@ ORIGIN = pd.Timestamp("1970-01-05", tz="UTC")
 PERIOD_ID_FORMAT = "%Y-%m-%d"
 _SPEC = re.compile(r"([1-9][0-9]*)[dD]")
 _PERIOD_ID = re.compile(r"\d{4}-\d{2}-\d{2}")
+CALENDAR = {"W": "W-SUN", "M": "M", "Q": "Q-DEC"}
+"""Calendar period specs and their pandas period frequencies."""
 
 
-def parse_period(spec: str) -> pd.Timedelta:
-    """Return the length of a period spec such as ``"1D"`` or ``"7D"`` (N whole days, N >= 1)."""
-    match = _SPEC.fullmatch(str(spec).strip())
+def parse_period(spec: str) -> pd.Timedelta | None:
+    """Check a period spec and return its fixed length: ``"1D"``, ``"7D"`` (N whole days,
+    N >= 1), or None for a calendar period (``"W"``, ``"M"``, ``"Q"``), whose length
+    varies."""
+    text = str(spec).strip()
+    if text.upper() in CALENDAR:
+        return None
+    match = _SPEC.fullmatch(text)
     if match is None:
         raise ValueError(
-            f"invalid period {spec!r}: expected a positive whole number of days such as "
-            "'1D' (daily) or '7D' (weekly, Monday to Sunday)"
+            f"invalid period {spec!r}: expected N days such as '1D' (daily) or '7D' (weekly, "
+            "Monday to Sunday), or a calendar period: 'W' (ISO weeks), 'M' (months), 'Q' "
+            "(quarters)"
         )
     return pd.Timedelta(days=int(match.group(1)))
+
+
+def _calendar_freq(spec: str) -> str | None:
+    return CALENDAR.get(str(spec).strip().upper())
+
+
+def next_period_start(start: pd.Timestamp, spec: str) -> pd.Timestamp:
+    """The first instant of the period after the one starting at ``start``."""
+    freq = _calendar_freq(spec)
+    if freq is None:
+        return start + parse_period(spec)
+    naive = pd.Timestamp(start).tz_convert("UTC").tz_localize(None)
+    return (naive.to_period(freq) + 1).start_time.tz_localize("UTC")
+
+
+def previous_period_start(start: pd.Timestamp, spec: str) -> pd.Timestamp:
+    """The first instant of the period before the one starting at ``start``."""
+    freq = _calendar_freq(spec)
+    if freq is None:
+        return start - parse_period(spec)
+    naive = pd.Timestamp(start).tz_convert("UTC").tz_localize(None)
+    return (naive.to_period(freq) - 1).start_time.tz_localize("UTC")
 
 
 def _to_utc(ts: pd.Series) -> pd.Series:
@@ -51,6 +83,11 @@ def period_start(ts: pd.Series | pd.Timestamp, spec: str) -> pd.Series | pd.Time
     """
     if not isinstance(ts, pd.Series):
         return period_start(pd.Series([ts]), spec).iloc[0]
+    freq = _calendar_freq(spec)
+    if freq is not None:
+        utc = _to_utc(ts)
+        starts = utc.dt.tz_localize(None).dt.to_period(freq).dt.start_time
+        return starts.dt.tz_localize("UTC").dt.as_unit("ns")
     step = parse_period(spec).value
     utc = _to_utc(ts)
     valid = utc.notna().to_numpy()
@@ -89,4 +126,14 @@ def period_bounds(pid: str, spec: str) -> tuple[pd.Timestamp, pd.Timestamp]:
     start = pd.Timestamp(pid, tz="UTC")
     if period_start(start, spec) != start:
         raise ValueError(f"{pid} is not the first day of a {spec} period")
-    return start, start + parse_period(spec)
+    return start, next_period_start(start, spec)
+
+
+def period_range(first: str, last: str, spec: str) -> list[str]:
+    """Every period id from ``first`` to ``last`` (both period ids), empty ones included."""
+    out, start = [], period_bounds(first, spec)[0]
+    end = period_bounds(last, spec)[0]
+    while start <= end:
+        out.append(period_id(start))
+        start = next_period_start(start, spec)
+    return out

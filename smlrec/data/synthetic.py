@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from smlrec.data.periods import parse_period, period_id, period_start
+from smlrec.data.periods import next_period_start, parse_period, period_id, period_start
 from smlrec.data.store import summarize, write_dataset_info, write_interactions
 from smlrec.schema import ITEM, PERIOD, TS, USER
 
@@ -128,8 +128,8 @@ def generate_stream(
     log_pop = -popularity_skew * np.log1p(rng.permutation(n_items))
     activity = rng.lognormal(0.0, 1.0, n_users)
     n_active = min(_active_per_period(n_users, n_periods, returning_share), interactions_per_period)
-    step = parse_period(period)
-    first = period_start(pd.Timestamp(start, tz="UTC"), period)
+    parse_period(period)
+    begin = period_start(pd.Timestamp(start, tz="UTC"), period)
     frames, n_seen = [], 0
     for t in range(n_periods):
         if t > 0:
@@ -140,8 +140,10 @@ def generate_stream(
         weights = activity[active] / activity[active].sum()
         counts = 1 + rng.multinomial(interactions_per_period - len(active), weights)
         items = _sample_items(rng, user_vecs[active], item_vecs, log_pop, counts, temperature)
-        begin = first + t * step
-        micros = rng.integers(0, int(step.total_seconds() * 1e6), size=len(items))
+        if t > 0:
+            begin = next_period_start(begin, period)
+        length = next_period_start(begin, period) - begin
+        micros = rng.integers(0, int(length.total_seconds() * 1e6), size=len(items))
         frames.append(_period_frame(np.repeat(active, counts), items, micros, begin))
     df = pd.concat(frames, ignore_index=True)
     df[USER] = _names("u", n_users)[df[USER].to_numpy()]
