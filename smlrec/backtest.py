@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -261,8 +262,11 @@ def run_backtest(frame: pd.DataFrame, cfg: BacktestConfig,
     rows: list[dict] = []
     per_user: dict = {}
     strategies: dict = {}
-    bar = tqdm(total=len(cfg.seeds) * (last - split.pretrain), desc="periods",
-               disable=not cfg.progress, unit="period")
+    total = len(cfg.seeds) * (last - split.pretrain)
+    if cfg.progress and not sys.stderr.isatty():  # a log file or CI: one line per period
+        bar: Any = _LineBar(log, total)
+    else:
+        bar = tqdm(total=total, desc="periods", disable=not cfg.progress, unit="period")
     if jobs > 1 and len(cfg.seeds) > 1:
         for seed_rows, seed_users in _run_seeds_in_workers(data, split, cfg, last, log, bar,
                                                            jobs):
@@ -286,6 +290,27 @@ def auto_jobs(n_seeds: int, device: str) -> int:
     if not device.startswith("cpu"):
         return 1
     return max(1, min(n_seeds, len(os.sched_getaffinity(0))))
+
+
+class _LineBar:
+    """Progress as one log line per period, for output that is not a terminal."""
+
+    def __init__(self, log: Callable[[str], None], total: int) -> None:
+        self.log, self.total, self.n, self.start = log, total, 0, time.perf_counter()
+        self.postfix = ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        spent = time.perf_counter() - self.start
+        eta = spent / self.n * (self.total - self.n)
+        self.log(f"period {self.n}/{self.total} done ({self.postfix}), {spent:.0f} s, "
+                 f"about {eta:.0f} s left")
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
+    def close(self) -> None:
+        pass
 
 
 class _QueueBar:
@@ -653,8 +678,30 @@ def format_summary(summary: dict) -> str:
     if "time_ratio_vs_full" in r:
         lines.append(f"SML / Full-retrain training time at the last period: "
                      f"{r['time_ratio_vs_full']:.3f}")
+    lines.append("chosen configurations (on validation periods):")
+    lines += [f"  {m}: {json.dumps(v['params'], sort_keys=True)}"
+              for m, v in summary["methods"].items()]
     periods = summary.get("periods") or []
     if periods:
         lines.append("users scored per period: " + ", ".join(
             f"{p['period']} ({p['phase']}) {p['n_users']}" for p in periods))
+    lines += few_users_warnings(periods)
     return "\n".join(lines)
+
+
+MIN_USERS = 20
+"""Fewer evaluable users than this in a validation or test period make its figure noise."""
+
+
+def few_users_warnings(periods: list[dict]) -> list[str]:
+    """A warning per validation or test period with fewer than :data:`MIN_USERS` users."""
+    out = []
+    for phase, use in (("val", "choose a configuration"), ("test", "compare methods")):
+        few = [p for p in periods if p.get("phase") == phase and p.get("n_users", 0) < MIN_USERS]
+        if few:
+            out.append(f"warning: {len(few)} {'validation' if phase == 'val' else 'test'} "
+                       f"period(s) scored fewer than {MIN_USERS} returning users ("
+                       + ", ".join(f"{p['period']}: {p['n_users']}" for p in few)
+                       + f"): too few to {use} reliably; longer periods (--period-spec) or a "
+                       "larger --split share for this phase give more")
+    return out

@@ -34,11 +34,14 @@ def _setup() -> None:
 @app.command()
 @reports_errors
 def backtest(
-    dataset: Annotated[str, typer.Option(help="Dataset name; its data lives in --data-root.")]
-    = "ml-100k",
+    dataset: Annotated[str, typer.Option(
+        help="A dataset stored under data/ (or $SMLREC_DATA/) by this name; --data takes "
+        "any stored dataset by path instead.")] = "ml-100k",
     data_root: Annotated[str | None, typer.Option(
-        help="Where the dataset is stored (default: data/<dataset>, or $SMLREC_DATA/<dataset>). "
-        "Fill it with `smlrec data fetch`, `data import` or `data synth`.")] = None,
+        "--data", "--data-root",
+        help="The stored dataset to replay (a folder or fsspec URL written by `smlrec data "
+        "fetch`, `data import` or `data synth`); its name and period length are read from "
+        "it. (default: data/<dataset>)")] = None,
     period: Annotated[str | None, typer.Option(
         "--period-spec",
         help="Check that the stored period length is this (e.g. 7D); the data store fixes it.")]
@@ -97,8 +100,12 @@ def backtest(
     root = data_root or default_data_root(dataset)
     info = read_dataset_info(root)
     if period and info.get("period") != period:
-        raise DataError(root, f"stored with period {info.get('period')!r}, not {period!r}; "
-                        f"re-create it with --period-spec {period}")
+        raise DataError(root, f"stored with {info.get('period')} periods, not {period}: drop "
+                        f"--period-spec to use them, or import the log again with `smlrec "
+                        f"data import FILE --period-spec {period} --out NEW_FOLDER` and pass "
+                        "--data NEW_FOLDER")
+    if data_root:
+        dataset = str(info.get("name") or dataset)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(names) - set(bt.DEFAULT_GRIDS))
     if unknown:

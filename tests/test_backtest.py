@@ -103,9 +103,9 @@ def test_backtest_cli_writes_csv_chart_and_summary(small_stream, tmp_path):
                                 "window": [{"window": 2, "epochs": 1}],
                                 "pop": [{"window": 1}, {"half_life": 1}]}))
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["backtest", "--dataset", "synthetic", "--data-root",
+    result = CliRunner().invoke(app, ["backtest", "--data",
                                       str(small_stream), "--out", str(out), "--grid", str(grid),
-                                      "--pretrain-epochs", "2", "--no-progress", "--seeds",
+                                      "--pretrain-epochs", "2", "--seeds",
                                       "0,1", "--blends", "0,2", "--write-config",
                                       str(tmp_path / "ml.yaml")])
     assert result.exit_code == 0, result.output
@@ -135,6 +135,19 @@ def test_backtest_cli_writes_csv_chart_and_summary(small_stream, tmp_path):
     assert set(per["phase"]) == {"meta", "val", "test"}
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "SML NDCG@20 / best non-SML method" in result.output
+    # Not a terminal: progress is one line per period; the chosen configurations in full.
+    assert "period 1/" in result.output and "left" in result.output
+    assert f"  window: {json.dumps(summary['methods']['window']['params'], sort_keys=True)}" \
+        in result.output
+
+
+def test_too_few_users_to_decide_anything_is_said():
+    periods = [{"period": "a", "phase": "val", "n_users": 4},
+               {"period": "b", "phase": "val", "n_users": 40},
+               {"period": "c", "phase": "test", "n_users": 300}]
+    [warning] = bt.few_users_warnings(periods)
+    assert "1 validation period(s)" in warning and "a: 4" in warning and "b: 40" not in warning
+    assert bt.few_users_warnings(periods[1:]) == []
 
 
 def test_backtest_cli_reports_bad_arguments_clearly(small_stream, tmp_path):
