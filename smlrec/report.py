@@ -23,6 +23,15 @@ def plot_backtest(results: pd.DataFrame, summary: dict, path: Path) -> None:
     period for each method's chosen config."""
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     periods = sorted(results["period"].unique())
+    # Over many periods single-period figures are spiky lines on top of each other: draw a
+    # centred rolling mean (the band still shows the seeds' range, smoothed alike).
+    smooth = max(1, len(periods) // 25) if len(periods) > 40 else 1
+
+    def rolled(values):
+        return (pd.Series(values).rolling(smooth, center=True, min_periods=1).mean()
+                .to_numpy() if smooth > 1 else values.to_numpy() if hasattr(values, "to_numpy")
+                else values)
+
     pos = {p: i for i, p in enumerate(periods)}
     phases = results.drop_duplicates("period").set_index("period")["phase"]
     for ax in (ax1, ax2):
@@ -34,15 +43,17 @@ def plot_backtest(results: pd.DataFrame, summary: dict, path: Path) -> None:
         by = part.groupby("period")
         x = [pos[p] for p in by.groups]
         mean = by["ndcg@20"].mean()
-        line, = ax1.plot(x, mean.to_numpy(), marker="o", ms=3,
+        marker = {"marker": "o", "ms": 3} if smooth == 1 else {"lw": 1.2}
+        line, = ax1.plot(x, rolled(mean), **marker,
                          label=f"{method} {json.dumps(info['params'], sort_keys=True)[:60]}")
         if part["seed"].nunique() > 1 if "seed" in part else False:
-            ax1.fill_between(x, by["ndcg@20"].min().to_numpy(), by["ndcg@20"].max().to_numpy(),
+            ax1.fill_between(x, rolled(by["ndcg@20"].min()), rolled(by["ndcg@20"].max()),
                              color=line.get_color(), alpha=0.15, lw=0)
         if method != "pop":
-            ax2.plot(x, by["train_seconds"].mean().to_numpy(), marker="o", ms=3, label=method)
+            ax2.plot(x, rolled(by["train_seconds"].mean()), **marker, label=method)
     seeds = summary.get("seeds", [0])
-    ax1.set_ylabel("NDCG@20 (next period)")
+    ax1.set_ylabel("NDCG@20 (next period)" + (f", rolling mean of {smooth}" if smooth > 1
+                                               else ""))
     ax1.set_title(f"{summary['dataset']}: test on the next period, mean over {len(seeds)} "
                   "seed(s), band: range (grey: meta-train, yellow: validation, green: test)",
                   fontsize=9)
