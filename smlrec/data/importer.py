@@ -61,10 +61,47 @@ def _strip_typed_headers(df: pd.DataFrame) -> pd.DataFrame:
     return df.rename(columns=names) if names else df
 
 
+def _read_text_arrow(path: str, sep: str, header: bool) -> pd.DataFrame | None:
+    """The fast path: pyarrow's multi-threaded CSV reader, every column as text. None when
+    it cannot read the file (the pandas path then reads it, or says what is wrong)."""
+    import csv
+    import io
+
+    from pyarrow import csv as pacsv
+
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f:
+            first = f.readline().decode("utf-8")
+            if not first.strip():
+                return None
+            names = next(csv.reader(io.StringIO(first), delimiter=sep))
+            if not header:
+                names = [str(i) for i in range(len(names))]
+            if len(set(names)) != len(names):
+                return None
+            f.seek(0)
+            table = pacsv.read_csv(
+                f, read_options=pacsv.ReadOptions(column_names=names,
+                                                  skip_rows=1 if header else 0),
+                parse_options=pacsv.ParseOptions(delimiter=sep),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={n: pa.string() for n in names}, strings_can_be_null=True,
+                    null_values=[""]))
+    except (pa.ArrowException, UnicodeDecodeError, ValueError, OSError, StopIteration):
+        return None
+    if table.num_rows == 0:
+        return None
+    return table.to_pandas()
+
+
 def _read_text(path: str, sep: str, header: bool = True) -> pd.DataFrame:
     """Read a delimited text file with every column as text (``normalize`` types them).
     A separator of several characters (MovieLens-1M's ``::``) is taken literally. Without a
     header, columns are named by position: ``0``, ``1``, ..."""
+    if len(sep) == 1:
+        fast = _read_text_arrow(path, sep, header)
+        if fast is not None:
+            return _strip_typed_headers(fast)
     options: dict[str, Any] = {"sep": sep}
     if len(sep) > 1:
         options = {"sep": re.escape(sep), "engine": "python"}

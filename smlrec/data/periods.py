@@ -104,7 +104,11 @@ def period_id(start: pd.Series) -> pd.Series: ...
 def period_id(start: pd.Series | pd.Timestamp) -> pd.Series | str:
     """Format period start(s) as ``YYYY-MM-DD`` period ids."""
     if isinstance(start, pd.Series):
-        return start.dt.strftime(PERIOD_ID_FORMAT)
+        # Format each distinct start once (a log has millions of rows, few periods).
+        codes, uniques = pd.factorize(start)
+        labels = np.append(pd.DatetimeIndex(uniques).strftime(PERIOD_ID_FORMAT).to_numpy(
+            dtype=object), np.nan)
+        return pd.Series(labels[codes], index=start.index, dtype=object)
     return pd.Timestamp(start).strftime(PERIOD_ID_FORMAT)
 
 
