@@ -138,6 +138,9 @@ class BacktestConfig(_Config):
     n_boot: int = Field(2000, ge=100, description="Bootstrap replicates of each interval.")
     device: str = "cpu"
     progress: bool = True
+    partial_dir: str = Field("", description="When set, each seed's rows are appended to "
+                             "<partial_dir>/per_period.seed<N>.partial.jsonl as each period "
+                             "ends, so a stopped run keeps what it did.")
 
     def defaults(self, seed: int) -> Defaults:
         """What every strategy's parameters fall back to, for one seed."""
@@ -400,6 +403,10 @@ def _run_seed(data: IndexedPeriods, split: Split, cfg: BacktestConfig, seed: int
                 vs.append((cid, vparams, blend))
                 cid += 1
             runs.append((method, s, vs, rid))
+    done: list[dict] = []
+    if cfg.partial_dir:
+        Path(cfg.partial_dir).mkdir(parents=True, exist_ok=True)
+        partial_path(cfg.partial_dir, seed).unlink(missing_ok=True)
     for t in range(p, last):
         history = data.periods[: t + 1]
         phase = split.phase(t)
@@ -429,6 +436,11 @@ def _run_seed(data: IndexedPeriods, split: Split, cfg: BacktestConfig, seed: int
                 row.update(out)
                 row["train_seconds"] = seconds
             rows.extend(new)
+            done.extend(new)
+        if cfg.partial_dir:  # what this period produced, before the next one starts
+            with open(partial_path(cfg.partial_dir, seed), "a") as fh:
+                fh.writelines(json.dumps(r, default=_jsonable) + "\n" for r in done)
+        done.clear()
         bar.update()
         bar.set_postfix_str(f"seed {seed} {data.periods[t].period}")
     return runs
@@ -630,11 +642,19 @@ def run_config(summary: dict, cfg: BacktestConfig, split: Split, period: str = "
                    "figures": figures})
 
 
+def partial_path(folder: str | Path, seed: int) -> Path:
+    """Where a seed's rows go as the run goes (see ``BacktestConfig.partial_dir``)."""
+    return Path(folder) / f"per_period.seed{seed}.partial.jsonl"
+
+
 def write_outputs(run: Backtest, summary: dict, out: Path) -> dict[str, Path]:
-    """per_period.csv, summary.json and chart.png in ``out``."""
+    """per_period.csv, summary.json and chart.png in ``out`` (the partial rows written as
+    the run went are removed: per_period.csv holds them all)."""
     from smlrec.report import plot_backtest
 
     out.mkdir(parents=True, exist_ok=True)
+    for seed in run.seeds:
+        partial_path(out, seed).unlink(missing_ok=True)
     paths = {"csv": out / "per_period.csv", "summary": out / "summary.json",
              "chart": out / "chart.png"}
     run.results.to_csv(paths["csv"], index=False)

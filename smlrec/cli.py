@@ -131,13 +131,18 @@ def backtest(
     cfg = bt.BacktestConfig(methods=names, pretrain_epochs=pretrain_epochs,
                             pretrain_lr=pretrain_lr, seeds=seed_list, blends=blend_list,
                             loss=LossConfig(loss=loss, negatives=negatives),
-                            device=str(pick_device(device)), progress=progress, **cfg_kw)
+                            device=str(pick_device(device)), progress=progress,
+                            partial_dir=str(out), **cfg_kw)
     frame = read_periods(root)
     try:
         run = bt.run_backtest(frame, cfg, log=typer.echo,
                               jobs=jobs or bt.auto_jobs(len(seed_list), cfg.device))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--grid") from exc
+    except KeyboardInterrupt:
+        typer.echo(f"stopped; the periods done so far are in {out}/per_period.seed*.partial"
+                   ".jsonl (one JSON row per method, configuration and period)", err=True)
+        raise typer.Exit(130) from None
     chosen = bt.select_configs(run.results)
     summary = bt.summarize(run, chosen, dataset)
     summary["ratios"] = bt.ratios(summary)

@@ -131,6 +131,7 @@ def test_backtest_cli_writes_csv_chart_and_summary(small_stream, tmp_path):
     assert conf.floor.params == summary["methods"]["pop"]["params"]
     assert conf.pretrain_epochs == 2 and conf.selection["seeds"] == [0, 1]
     assert summary["methods"]["pop"]["train_seconds_last_period"] < 1
+    assert not list(out.glob("*.partial.jsonl"))  # the finished run's rows are all in the CSV
     per = pd.read_csv(out / "per_period.csv")
     assert set(per["phase"]) == {"meta", "val", "test"}
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -139,6 +140,32 @@ def test_backtest_cli_writes_csv_chart_and_summary(small_stream, tmp_path):
     assert "period 1/" in result.output and "left" in result.output
     assert f"  window: {json.dumps(summary['methods']['window']['params'], sort_keys=True)}" \
         in result.output
+
+
+def test_a_stopped_backtest_keeps_the_periods_it_finished(tmp_path, monkeypatch):
+    frame = generate_stream(n_users=200, n_items=80, n_periods=6,
+                            interactions_per_period=800, returning_share=0.7, drift=0.2, seed=3)
+    cfg = bt.BacktestConfig(methods=["window", "pop"], grids={"window": [{"window": 2,
+                                                                          "epochs": 1}],
+                                                              "pop": [{}]},
+                            pretrain_epochs=1, progress=False, seeds=(0,), blends=(0.0,),
+                            partial_dir=str(tmp_path))
+    calls = {"n": 0}
+    real = bt.evaluate
+
+    def stop_at_the_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # two models a period, from the second period on: in the fourth
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bt, "evaluate", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        bt.run_backtest(frame, cfg, log=lambda _: None)
+    rows = [json.loads(line) for line in bt.partial_path(tmp_path, 0).read_text().splitlines()]
+    p = bt.Split.default(6).pretrain  # the first period run; evaluated from the next one on
+    assert {r["t"] for r in rows} == {p, p + 1, p + 2} and len(rows) == 6  # whole periods
+    assert all(np.isfinite(r["ndcg@20"]) for r in rows if r["t"] > p)
 
 
 def test_too_few_users_to_decide_anything_is_said():
