@@ -89,6 +89,10 @@ def run_daily(period: str, data_uri: str, state_uri: str, work_dir: str,
             "candidate": store.get_pointer("candidate")}
 
 
+# The runner names tasks after their components; the package component runs twice.
+STEP_NAMES = {"package-op": "package-production", "package-op-2": "package-candidate"}
+
+
 def step_seconds(outputs: Path, since: float) -> dict[str, float]:
     """Wall seconds of each task of the latest local run under ``outputs`` (tasks run one
     after another; each ends when it writes its executor_output.json). Includes each
@@ -96,7 +100,8 @@ def step_seconds(outputs: Path, since: float) -> dict[str, float]:
     runs = sorted(outputs.glob("smlrec-daily-*"), key=lambda p: p.stat().st_mtime)
     if not runs:
         return {}
-    ends = sorted((f.stat().st_mtime, f.parent.name.removesuffix("-op"))
+    ends = sorted((f.stat().st_mtime, STEP_NAMES.get(f.parent.name,
+                                                     f.parent.name.removesuffix("-op")))
                   for f in runs[-1].rglob("executor_output.json"))
     out, prev = {}, since
     for end, name in ends:
