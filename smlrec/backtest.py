@@ -163,6 +163,20 @@ class IndexedPeriods:
         return list(zip(self.n_users_after, self.n_items_after, strict=True))
 
 
+def empty_periods(frame: pd.DataFrame, spec: str) -> list[str]:
+    """The periods of ``spec`` between the frame's first and last with no interactions."""
+    from smlrec.data.periods import period_range
+
+    if frame.empty or not spec:
+        return []
+    ids = sorted(frame[PERIOD].unique())
+    try:
+        every = period_range(ids[0], ids[-1], spec)
+    except ValueError:  # ids that do not start periods of spec: nothing to say
+        return []
+    return sorted(set(every) - set(ids))
+
+
 def index_periods(frame: pd.DataFrame) -> IndexedPeriods:
     """Grow the vocabularies period by period, as production would, and index every row."""
     from smlrec.data.store import canonical_order

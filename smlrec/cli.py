@@ -134,6 +134,11 @@ def backtest(
                             device=str(pick_device(device)), progress=progress,
                             partial_dir=str(out), **cfg_kw)
     frame = read_periods(root)
+    gaps = bt.empty_periods(frame, str(info.get("period") or ""))
+    if gaps:
+        typer.echo(f"warning: {len(gaps)} empty period(s) between the first and the last "
+                   f"({', '.join(gaps[:5])}{' ...' if len(gaps) > 5 else ''}): a model is "
+                   "tested on the next period that has interactions", err=True)
     try:
         run = bt.run_backtest(frame, cfg, log=typer.echo,
                               jobs=jobs or bt.auto_jobs(len(seed_list), cfg.device))

@@ -187,3 +187,11 @@ def test_calendar_periods_start_on_the_first_day_and_gaps_are_reported(tmp_path:
     assert report["rows_per_period"] == {"2024-01-01": 1, "2024-02-01": 2, "2024-05-01": 1}
     assert report["empty_periods"] == ["2024-03-01", "2024-04-01"]
     assert "Empty periods (no rows, kept as gaps): 2024-03-01, 2024-04-01" in result.output
+
+
+def test_the_backtest_names_empty_periods():
+    from smlrec import backtest as bt
+
+    frame = pd.DataFrame({"period": ["2024-01-01", "2024-02-01", "2024-05-01"]})
+    assert bt.empty_periods(frame, "M") == ["2024-03-01", "2024-04-01"]
+    assert bt.empty_periods(frame.iloc[:2], "M") == []
