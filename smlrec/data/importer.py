@@ -61,9 +61,11 @@ def _strip_typed_headers(df: pd.DataFrame) -> pd.DataFrame:
     return df.rename(columns=names) if names else df
 
 
-def _read_text_arrow(path: str, sep: str, header: bool) -> pd.DataFrame | None:
-    """The fast path: pyarrow's multi-threaded CSV reader, every column as text. None when
-    it cannot read the file (the pandas path then reads it, or says what is wrong)."""
+def _read_text_arrow(path: str, sep: str, header: bool,
+                     arrow_strings: bool = False) -> pd.DataFrame | None:
+    """The fast path: pyarrow's multi-threaded CSV reader, every column as text (Arrow-backed
+    strings with ``arrow_strings``: a tenth of the memory of Python strings). None when it
+    cannot read the file (the pandas path then reads it, or says what is wrong)."""
     import csv
     import io
 
@@ -91,15 +93,16 @@ def _read_text_arrow(path: str, sep: str, header: bool) -> pd.DataFrame | None:
         return None
     if table.num_rows == 0:
         return None
-    return table.to_pandas()
+    return table.to_pandas(types_mapper=pd.ArrowDtype if arrow_strings else None)
 
 
-def _read_text(path: str, sep: str, header: bool = True) -> pd.DataFrame:
+def _read_text(path: str, sep: str, header: bool = True,
+               arrow_strings: bool = False) -> pd.DataFrame:
     """Read a delimited text file with every column as text (``normalize`` types them).
     A separator of several characters (MovieLens-1M's ``::``) is taken literally. Without a
     header, columns are named by position: ``0``, ``1``, ..."""
     if len(sep) == 1:
-        fast = _read_text_arrow(path, sep, header)
+        fast = _read_text_arrow(path, sep, header, arrow_strings)
         if fast is not None:
             return _strip_typed_headers(fast)
     options: dict[str, Any] = {"sep": sep}
@@ -156,7 +159,7 @@ def _read_jsonl(path: str) -> pd.DataFrame:
 
 
 def read_table(path: str, *, sep: str | None = None, fmt: str | None = None,
-               header: bool = True) -> pd.DataFrame:
+               header: bool = True, arrow_strings: bool = False) -> pd.DataFrame:
     """Read an interaction file from a local path or any fsspec URL.
 
     The format is ``fmt`` (csv, tsv, parquet, jsonl), else the suffix's (``.csv``,
@@ -164,7 +167,8 @@ def read_table(path: str, *, sep: str | None = None, fmt: str | None = None,
     compressed, e.g. ``.csv.gz``). ``sep`` sets the text separator (several characters, such
     as ``::``, are taken literally) and lets any other suffix (``.dat``, ``.txt``) be read as
     text; ``header=False`` names the columns by position (``0``, ``1``...). Text columns are
-    all read as strings; :func:`normalize` converts them.
+    all read as strings (Arrow-backed with ``arrow_strings``, where the fast reader reads
+    the file); :func:`normalize` converts them.
     """
     path = str(path)
     suffix = _suffix(path)
@@ -180,7 +184,7 @@ def read_table(path: str, *, sep: str | None = None, fmt: str | None = None,
             return _read_jsonl(path)
         if kind is not None:
             default = {"csv": ",", "tsv": "\t"}.get(kind) or TEXT_SEPARATORS.get(suffix, ",")
-            return _read_text(path, sep or default, header)
+            return _read_text(path, sep or default, header, arrow_strings)
     except FileNotFoundError as exc:
         raise DataError(path, "file not found") from exc
     known = ", ".join([*TEXT_SEPARATORS, *PARQUET_SUFFIXES, *JSONL_SUFFIXES])
@@ -213,6 +217,14 @@ def _first_bad(values: pd.Series, bad: np.ndarray) -> str:
 
 def _ids_to_str(values: pd.Series, what: str, source: str) -> pd.Series:
     """Return ids as stripped strings; whole numbers lose any ``.0``; nulls are an error."""
+    if isinstance(values.dtype, pd.ArrowDtype) and pa.types.is_string(
+            values.dtype.pyarrow_dtype):  # the import's fast path: no Python strings
+        text = values.str.strip()
+        bad = (text.isna() | (text == "")).to_numpy(dtype=bool, na_value=True)
+        if bad.any():
+            where = f" (first at row {int(np.flatnonzero(bad)[0]) + 1})"
+            raise DataError(source, f"{int(bad.sum())} {what} ids are null or empty{where}")
+        return text
     if pd.api.types.is_integer_dtype(values):
         text = values.astype(str)
     elif pd.api.types.infer_dtype(values, skipna=True) == "string":
@@ -234,6 +246,15 @@ def _id_text(value: Any) -> str:
     return str(value)
 
 
+def _to_number(values: pd.Series) -> pd.Series:
+    """Numbers as float64 with NaN for anything else (Arrow-backed input included, where
+    an unparseable value would otherwise be a NaN that is not "missing")."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    if isinstance(numbers.dtype, pd.ArrowDtype):
+        numbers = numbers.astype("float64")
+    return numbers
+
+
 _PARTS = ("year", "month", "day", "hour", "minute", "second")
 
 
@@ -245,7 +266,7 @@ def _assemble_time(raw: pd.DataFrame, cols: list[str], source: str) -> pd.Series
                         f"({', '.join(_PARTS)}), not {len(cols)}")
     parts = {}
     for part, col in zip(_PARTS, cols, strict=False):
-        numbers = pd.to_numeric(raw[col], errors="coerce")
+        numbers = _to_number(raw[col])
         bad = numbers.isna().to_numpy()
         if bad.any():
             raise DataError(source, f"{int(bad.sum())} values of the {part} column {col!r} are "
@@ -284,7 +305,7 @@ def _parse_timestamps(values: pd.Series, time_unit: str, source: str,
         return parsed.dt.as_unit("ns")
     numeric = values if pd.api.types.is_numeric_dtype(values) else None
     if numeric is None and not pd.api.types.is_datetime64_any_dtype(values):
-        as_number = pd.to_numeric(values, errors="coerce")
+        as_number = _to_number(values)
         if as_number.notna().sum() * 2 >= values.notna().sum() > 0:  # mostly numbers
             numeric = as_number
     if numeric is not None:
@@ -329,7 +350,7 @@ def _parse_time_text(values: pd.Series) -> pd.Series:
 
 def _parse_ratings(values: pd.Series, source: str) -> pd.Series:
     """Return ratings as float32; text that is not a number is an error (nulls stay NaN)."""
-    numbers = pd.to_numeric(values, errors="coerce")
+    numbers = _to_number(values)
     bad = (numbers.isna() & values.notna()).to_numpy()
     if bad.any():
         first = _first_bad(values, bad)
@@ -485,7 +506,7 @@ def import_file(
             f"this dataset uses {previous['period']} periods, not {period}: "
             f"import with --period-spec {previous['period']} or into another --out",
         )
-    raw = read_table(path, sep=sep, fmt=fmt, header=header)
+    raw = read_table(path, sep=sep, fmt=fmt, header=header, arrow_strings=True)
     report: dict[str, Any] = {"source": path}
     df = normalize(raw, path, period=period, report=report, **kwargs)
     problems = plausibility(df, report, first_import=previous is None,
