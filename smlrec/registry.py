@@ -160,7 +160,11 @@ class StateStore:
     def append_decision(self, record: dict[str, Any]) -> None:
         """Append one record to decisions.jsonl (rewritten atomically; runs are serialised
         by the lock, so no append is lost)."""
-        url = f"{self.uri}/decisions.jsonl"
+        self._append("decisions.jsonl", record)
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        """Append ``record``, stamped with ``recorded_at``, to the JSON-lines log ``name``."""
+        url = f"{self.uri}/{name}"
         try:
             old = read_bytes(url)
         except FileNotFoundError:
@@ -181,15 +185,8 @@ class StateStore:
     def record_package(self, record: dict[str, Any]) -> None:
         """Note a model packaged for serving (stage, period, strategy, its BentoML tag) in
         packages.jsonl, once per tag (rewritten atomically, like the decision log)."""
-        if any(p.get("tag") == record.get("tag") for p in self.packages()):
-            return
-        url = f"{self.uri}/packages.jsonl"
-        try:
-            old = read_bytes(url)
-        except FileNotFoundError:
-            old = b""
-        line = json.dumps({"recorded_at": _now(), **record}, sort_keys=True, default=str)
-        write_bytes_atomic(url, old + line.encode() + b"\n")
+        if not any(p.get("tag") == record.get("tag") for p in self.packages()):
+            self._append("packages.jsonl", record)
 
     def packages(self) -> list[dict[str, Any]]:
         """Every model packaged for serving, in order."""
