@@ -23,16 +23,6 @@ def pick_device(preference: str | None = None) -> torch.device:
     return device
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch's global RNGs and return a CPU generator for sampling."""
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen
-
-
 def configure_threads(n: int | None = None) -> int:
     """Set torch's intra-op CPU threads: ``n``, else ``$SMLREC_THREADS``, else 1.
 
