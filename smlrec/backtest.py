@@ -165,16 +165,14 @@ class IndexedPeriods:
 
 def empty_periods(frame: pd.DataFrame, spec: str) -> list[str]:
     """The periods of ``spec`` between the frame's first and last with no interactions."""
-    from smlrec.data.periods import period_range
+    from smlrec.data import periods
 
     if frame.empty or not spec:
         return []
-    ids = sorted(frame[PERIOD].unique())
     try:
-        every = period_range(ids[0], ids[-1], spec)
+        return periods.empty_periods(frame[PERIOD].unique(), spec)
     except ValueError:  # ids that do not start periods of spec: nothing to say
         return []
-    return sorted(set(every) - set(ids))
 
 
 def index_periods(frame: pd.DataFrame) -> IndexedPeriods:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from smlrec.data.periods import assign_periods, parse_period, period_range
+from smlrec.data.periods import assign_periods, empty_periods, parse_period
 from smlrec.data.store import (
     file_sha256,
     has_dataset,
@@ -515,9 +515,8 @@ def import_file(
         raise DataError(path, "this import looks wrong, nothing was written: "
                         + "; ".join(problems) + " (pass --force to import it anyway)")
     counts = df[PERIOD].value_counts().sort_index()
-    every = period_range(counts.index[0], counts.index[-1], period)
-    empty = sorted(set(every) - set(counts.index))
-    report.update({"empty_periods": empty, "users": int(df[USER].nunique()),
+    report.update({"empty_periods": empty_periods(counts.index, period),
+                   "users": int(df[USER].nunique()),
                    "items": int(df[ITEM].nunique()),
                    "periods": int(len(counts)), "period_spec": period,
                    "first": str(df[TS].min()), "last": str(df[TS].max()),

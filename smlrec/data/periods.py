@@ -10,6 +10,7 @@ period after one is the next block or calendar period (:func:`next_period_start`
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import overload
 
 import numpy as np
@@ -46,22 +47,23 @@ def _calendar_freq(spec: str) -> str | None:
     return CALENDAR.get(str(spec).strip().upper())
 
 
-def next_period_start(start: pd.Timestamp, spec: str) -> pd.Timestamp:
-    """The first instant of the period after the one starting at ``start``."""
+def _shift(start: pd.Timestamp, spec: str, steps: int) -> pd.Timestamp:
+    """The start of the period ``steps`` periods after (or before) the one at ``start``."""
     freq = _calendar_freq(spec)
     if freq is None:
-        return start + parse_period(spec)
+        return start + steps * parse_period(spec)
     naive = pd.Timestamp(start).tz_convert("UTC").tz_localize(None)
-    return (naive.to_period(freq) + 1).start_time.tz_localize("UTC")
+    return (naive.to_period(freq) + steps).start_time.tz_localize("UTC")
+
+
+def next_period_start(start: pd.Timestamp, spec: str) -> pd.Timestamp:
+    """The first instant of the period after the one starting at ``start``."""
+    return _shift(start, spec, 1)
 
 
 def previous_period_start(start: pd.Timestamp, spec: str) -> pd.Timestamp:
     """The first instant of the period before the one starting at ``start``."""
-    freq = _calendar_freq(spec)
-    if freq is None:
-        return start - parse_period(spec)
-    naive = pd.Timestamp(start).tz_convert("UTC").tz_localize(None)
-    return (naive.to_period(freq) - 1).start_time.tz_localize("UTC")
+    return _shift(start, spec, -1)
 
 
 def _to_utc(ts: pd.Series) -> pd.Series:
@@ -83,13 +85,12 @@ def period_start(ts: pd.Series | pd.Timestamp, spec: str) -> pd.Series | pd.Time
     """
     if not isinstance(ts, pd.Series):
         return period_start(pd.Series([ts]), spec).iloc[0]
+    utc = _to_utc(ts)
     freq = _calendar_freq(spec)
     if freq is not None:
-        utc = _to_utc(ts)
         starts = utc.dt.tz_localize(None).dt.to_period(freq).dt.start_time
         return starts.dt.tz_localize("UTC").dt.as_unit("ns")
     step = parse_period(spec).value
-    utc = _to_utc(ts)
     valid = utc.notna().to_numpy()
     ns = np.where(valid, utc.dt.tz_localize(None).to_numpy().view(np.int64), ORIGIN.value)
     floored = (ns - ORIGIN.value) // step * step + ORIGIN.value
@@ -131,6 +132,15 @@ def period_bounds(pid: str, spec: str) -> tuple[pd.Timestamp, pd.Timestamp]:
     if period_start(start, spec) != start:
         raise ValueError(f"{pid} is not the first day of a {spec} period")
     return start, next_period_start(start, spec)
+
+
+def empty_periods(ids: Iterable[str], spec: str) -> list[str]:
+    """The periods of ``spec`` between the first and the last of ``ids`` that are not in
+    ``ids`` (ids that do not start periods of ``spec`` raise ``ValueError``)."""
+    have = sorted(set(ids))
+    if not have:
+        return []
+    return sorted(set(period_range(have[0], have[-1], spec)) - set(have))
 
 
 def period_range(first: str, last: str, spec: str) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from smlrec.data.periods import next_period_start, parse_period, period_id, period_start
+from smlrec.data.periods import next_period_start, period_id, period_start
 from smlrec.data.store import summarize, write_dataset_info, write_interactions
 from smlrec.schema import ITEM, PERIOD, TS, USER
 
@@ -128,8 +128,7 @@ def generate_stream(
     log_pop = -popularity_skew * np.log1p(rng.permutation(n_items))
     activity = rng.lognormal(0.0, 1.0, n_users)
     n_active = min(_active_per_period(n_users, n_periods, returning_share), interactions_per_period)
-    parse_period(period)
-    begin = period_start(pd.Timestamp(start, tz="UTC"), period)
+    begin = period_start(pd.Timestamp(start, tz="UTC"), period)  # checks the spec too
     frames, n_seen = [], 0
     for t in range(n_periods):
         if t > 0:
