@@ -415,11 +415,11 @@ def _run_seed(data: IndexedPeriods, split: Split, cfg: BacktestConfig, seed: int
                 vs.append((cid, vparams, blend))
                 cid += 1
             runs.append((method, s, vs, rid))
-    done: list[dict] = []
     if cfg.partial_dir:
         Path(cfg.partial_dir).mkdir(parents=True, exist_ok=True)
         partial_path(cfg.partial_dir, seed).unlink(missing_ok=True)
     for t in range(p, last):
+        period_rows = len(rows)  # rows[period_rows:] are this period's
         history = data.periods[: t + 1]
         phase = split.phase(t)
         nu_prev, ni_prev = data.n_users_after[t - 1], data.n_items_after[t - 1]
@@ -448,11 +448,10 @@ def _run_seed(data: IndexedPeriods, split: Split, cfg: BacktestConfig, seed: int
                 row.update(out)
                 row["train_seconds"] = seconds
             rows.extend(new)
-            done.extend(new)
         if cfg.partial_dir:  # what this period produced, before the next one starts
             with open(partial_path(cfg.partial_dir, seed), "a") as fh:
-                fh.writelines(json.dumps(r, default=_jsonable) + "\n" for r in done)
-        done.clear()
+                fh.writelines(json.dumps(r, default=_jsonable) + "\n"
+                              for r in rows[period_rows:])
         bar.update()
         bar.set_postfix_str(f"seed {seed} {data.periods[t].period}")
     return runs

@@ -220,19 +220,15 @@ def _ids_to_str(values: pd.Series, what: str, source: str) -> pd.Series:
     if isinstance(values.dtype, pd.ArrowDtype) and pa.types.is_string(
             values.dtype.pyarrow_dtype):  # the import's fast path: no Python strings
         text = values.str.strip()
-        bad = (text.isna() | (text == "")).to_numpy(dtype=bool, na_value=True)
-        if bad.any():
-            where = f" (first at row {int(np.flatnonzero(bad)[0]) + 1})"
-            raise DataError(source, f"{int(bad.sum())} {what} ids are null or empty{where}")
-        return text
-    if pd.api.types.is_integer_dtype(values):
-        text = values.astype(str)
-    elif pd.api.types.infer_dtype(values, skipna=True) == "string":
-        text = values.astype(object)
     else:
-        text = values.map(_id_text, na_action="ignore")
-    text = text.astype(object).where(values.notna()).str.strip()
-    bad = (text.isna() | (text == "")).to_numpy()
+        if pd.api.types.is_integer_dtype(values):
+            text = values.astype(str)
+        elif pd.api.types.infer_dtype(values, skipna=True) == "string":
+            text = values.astype(object)
+        else:
+            text = values.map(_id_text, na_action="ignore")
+        text = text.astype(object).where(values.notna()).str.strip()
+    bad = (text.isna() | (text == "")).to_numpy(dtype=bool, na_value=True)
     if bad.any():
         where = f" (first at row {int(np.flatnonzero(bad)[0]) + 1})"
         raise DataError(source, f"{int(bad.sum())} {what} ids are null or empty{where}")
