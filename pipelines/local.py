@@ -214,6 +214,7 @@ class Console:
 def write_report(store: StateStore, out: Path, runs_dir: Path | None = None) -> Path:
     """The state store's HTML report (``smlrec.report.state_report_html``) at ``out``,
     linking the reports each run kept under ``runs_dir/reports/``."""
+    from smlrec.io import write_bytes_atomic
     from smlrec.report import RunFiles, state_report_html
 
     out = Path(out)
@@ -222,9 +223,7 @@ def write_report(store: StateStore, out: Path, runs_dir: Path | None = None) -> 
     page = state_report_html(store.decisions(), store.pointer_info("production"),
                              packages=store.packages(), config_text=store.config_text(),
                              runs=runs, state_uri=store.uri)
-    tmp = out.with_name(f".{out.name}.tmp")  # a good report is never half overwritten
-    tmp.write_text(page)
-    os.replace(tmp, out)
+    write_bytes_atomic(str(out), page.encode())  # a good report is never half overwritten
     return out
 
 

@@ -260,16 +260,15 @@ class Recommender:
     async def _query(self, model: ServedModel, user_id: str, recent: list[str] | None,
                      feast_recent: list[str] | None) -> tuple[torch.Tensor | None, str, list[str]]:
         """The user's vector and the path: the model's row, else the mean of recent items."""
-        ignored = model.item_rows(recent)[1] if recent else []
+        recent_rows, ignored = model.item_rows(recent) if recent else ([], [])
         row = model.user_row(user_id)
         if row is not None:
             return model.user_vector(row), "user", ignored
-        for ids, path in ((recent, "recent_items"), (feast_recent, "feast_recent_items")):
-            if not ids:
-                continue
-            rows, _ = model.item_rows(ids)
-            if rows:
-                return model.mean_item_vector(rows), path, ignored
+        if recent_rows:
+            return model.mean_item_vector(recent_rows), "recent_items", ignored
+        feast_rows = model.item_rows(feast_recent)[0] if feast_recent else []
+        if feast_rows:
+            return model.mean_item_vector(feast_rows), "feast_recent_items", ignored
         return None, "popular", ignored
 
     # ------------------------------------------------------------------ endpoints
