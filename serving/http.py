@@ -176,12 +176,12 @@ def _rewrite_error(body: bytes) -> bytes:
         payload = payload[0]  # BentoML answers some 4xx as a one-element list
     if not isinstance(payload, dict):
         return json.dumps({"error": str(payload)}).encode()
-    detail = payload.get("detail")
+    errors = payload.get("detail") if isinstance(payload.get("detail"), list) else []
     if str(payload.get("error", "")).endswith("IODescriptor") or (
-            isinstance(detail, list) and "field" not in payload and detail):
-        field, sentence = readable_error(detail if isinstance(detail, list) else [])
+            errors and "field" not in payload):
+        field, sentence = readable_error(errors)
         detail = [{k: v for k, v in d.items() if k != "url"} if isinstance(d, dict) else d
-                  for d in (detail if isinstance(detail, list) else [])]
+                  for d in errors]
         payload = {"error": sentence, **({"field": field} if field else {}), "detail": detail}
     return json.dumps(payload).encode()
 
