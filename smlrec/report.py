@@ -26,10 +26,10 @@ def plot_backtest(results: pd.DataFrame, summary: dict, path: Path) -> None:
     # centred rolling mean (the band still shows the seeds' range, smoothed alike).
     smooth = max(1, len(periods) // 25) if len(periods) > 40 else 1
 
-    def rolled(values):
-        return (pd.Series(values).rolling(smooth, center=True, min_periods=1).mean()
-                .to_numpy() if smooth > 1 else values.to_numpy() if hasattr(values, "to_numpy")
-                else values)
+    def rolled(values: pd.Series):
+        if smooth > 1:
+            values = values.rolling(smooth, center=True, min_periods=1).mean()
+        return values.to_numpy()
 
     pos = {p: i for i, p in enumerate(periods)}
     phases = results.drop_duplicates("period").set_index("period")["phase"]
@@ -225,10 +225,8 @@ class RunFiles:
         if not folder.is_dir():
             return {}
         out = {}
-        for f in sorted(folder.iterdir()):
-            if f.suffix in (".html", ".md") and f.stem not in out:
-                out[f.stem] = os.path.relpath(f, self.link_base)
-            if f.suffix == ".html":  # the HTML rendering wins over the Markdown source
+        for suffix in (".md", ".html"):  # the HTML rendering wins over the Markdown source
+            for f in sorted(folder.glob(f"*{suffix}")):
                 out[f.stem] = os.path.relpath(f, self.link_base)
         return out
 
