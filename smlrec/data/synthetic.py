@@ -9,6 +9,21 @@ each choosing item ``i`` with probability ``softmax(<u, v_i> / temperature + log
 where ``pop`` is Zipf-like with exponent ``popularity_skew``. Sampling is vectorised (inverse
 CDF over users' probability rows), so 10^6 interactions a period take about a second.
 A user may interact with the same item more than once.
+
+Side tables (:func:`generate_side_tables`, stored by :func:`write_synthetic` as the ``users``
+and ``items`` side tables) carry real but partial information about tastes, as demographics
+and genres do. They are built from the users' and items' *initial* latent vectors (so drift
+weakens them over time) with a random generator of their own, leaving the stream untouched:
+
+- ``items``: ``item_id``; ``genres``, 1-3 of ``n_genres`` fixed random unit "genre
+  directions" (``g00``, ``g01``, ...), ``|``-joined: the one with the highest cosine with the
+  item's vector, plus the 2nd and 3rd when their cosine exceeds ``genre_threshold /
+  sqrt(dim)`` (``1 / sqrt(dim)`` is the spread of the cosine of two random directions);
+  ``year``, an integer release year, more recent for more popular items, plus noise.
+- ``users``: ``user_id``; ``segment``, one of ``n_segments`` values ``s0``, ``s1``, ...: the
+  fixed random direction with the highest cosine with the user's vector (coarse but
+  informative); ``age``, an integer 18-70 weakly correlated with the vector's first
+  coordinate; ``region``, one of 5 values ``r0``...``r4`` drawn at random (uninformative).
 """
 
 from __future__ import annotations
@@ -16,15 +31,24 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import fsspec
 import numpy as np
 import pandas as pd
 
 from smlrec.data.periods import next_period_start, period_id, period_start
-from smlrec.data.store import summarize, write_dataset_info, write_interactions
+from smlrec.data.store import (
+    SIDE_DIR,
+    summarize,
+    write_dataset_info,
+    write_interactions,
+    write_side_table,
+)
 from smlrec.schema import ITEM, PERIOD, TS, USER
 
 NAME = "synthetic"
 _CELLS_PER_BATCH = 2_000_000  # users x items probabilities held at once while sampling
+SIDE_TABLES = ("users", "items")
+N_REGIONS = 5
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -98,6 +122,19 @@ def _check_args(
         raise ValueError("returning_share and drift must be between 0 and 1")
 
 
+def _initial_draws(
+    n_users: int, n_items: int, dim: int, seed: int
+) -> tuple[np.random.Generator, np.ndarray, np.ndarray, np.ndarray]:
+    """The stream's first draws: its generator, the initial user and item vectors, and each
+    item's popularity rank (0 = most popular for a positive ``popularity_skew``). The stream
+    goes on drawing from the generator."""
+    rng = np.random.default_rng(seed)
+    user_vecs = _unit(rng.standard_normal((n_users, dim)))
+    item_vecs = _unit(rng.standard_normal((n_items, dim)))
+    pop_rank = rng.permutation(n_items)
+    return rng, user_vecs, item_vecs, pop_rank
+
+
 def generate_stream(
     n_users: int = 2000,
     n_items: int = 1000,
@@ -122,10 +159,8 @@ def generate_stream(
     _check_args(n_users, n_items, n_periods, interactions_per_period, returning_share, drift)
     if temperature <= 0 or dim < 1:
         raise ValueError("temperature must be > 0 and dim >= 1")
-    rng = np.random.default_rng(seed)
-    user_vecs = _unit(rng.standard_normal((n_users, dim)))
-    item_vecs = _unit(rng.standard_normal((n_items, dim)))
-    log_pop = -popularity_skew * np.log1p(rng.permutation(n_items))
+    rng, user_vecs, item_vecs, pop_rank = _initial_draws(n_users, n_items, dim, seed)
+    log_pop = -popularity_skew * np.log1p(pop_rank)
     activity = rng.lognormal(0.0, 1.0, n_users)
     n_active = min(_active_per_period(n_users, n_periods, returning_share), interactions_per_period)
     begin = period_start(pd.Timestamp(start, tz="UTC"), period)  # checks the spec too
@@ -170,18 +205,125 @@ def _names(prefix: str, n: int) -> np.ndarray:
     return np.array([f"{prefix}{k}" for k in range(n)], dtype=object)
 
 
-def write_synthetic(root: str, **kwargs: Any) -> dict[str, Any]:
+def _nearest_directions(vecs: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """Cosines of unit ``vecs`` with unit ``directions``, each row's columns sorted by
+    decreasing cosine: returns (indices, cosines)."""
+    cos = vecs @ directions.T
+    order = np.argsort(-cos, axis=1, kind="stable")
+    return order, np.take_along_axis(cos, order, axis=1)
+
+
+def _genres(item_vecs: np.ndarray, rng: np.random.Generator, n_genres: int,
+            threshold: float) -> np.ndarray:
+    """Each item's 1-3 genres (``|``-joined names), see the module doc."""
+    directions = _unit(rng.standard_normal((n_genres, item_vecs.shape[1])))
+    order, cos = _nearest_directions(item_vecs, directions)
+    names = np.array([f"g{g:02d}" for g in range(n_genres)], dtype=object)
+    keep = cos[:, :3] > threshold
+    keep[:, 0] = True
+    return np.array(
+        ["|".join(sorted(names[order[k, :3][keep[k]]])) for k in range(len(item_vecs))],
+        dtype=object,
+    )
+
+
+def _years(pop_rank: np.ndarray, popularity_skew: float, rng: np.random.Generator,
+           year_corr: float) -> np.ndarray:
+    """Release years: popular items more recent (correlation about ``year_corr``), 1980-2024."""
+    n = len(pop_rank)
+    # about N(0, 1): +1.7 for the most popular item, -1.7 for the least (0 without popularity)
+    recency = np.sign(popularity_skew) * (0.5 - pop_rank / max(n - 1, 1)) * np.sqrt(12.0)
+    score = year_corr * recency + np.sqrt(1.0 - year_corr**2) * rng.standard_normal(n)
+    return np.clip(np.round(2012 + 6 * score), 1980, 2024).astype(np.int64)
+
+
+def generate_side_tables(
+    n_users: int = 2000,
+    n_items: int = 1000,
+    dim: int = 16,
+    seed: int = 0,
+    popularity_skew: float = 1.0,
+    n_genres: int = 12,
+    n_segments: int = 8,
+    genre_threshold: float = 1.2,
+    age_corr: float = 0.3,
+    year_corr: float = 0.6,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return the ``users`` and ``items`` side tables of :func:`generate_stream`'s stream for
+    the same arguments (see the module doc), one row per user id and per item id.
+
+    They are built from the stream's initial latent vectors and popularity ranks (drawn
+    exactly as :func:`generate_stream` draws them) with a generator of their own, so the
+    stream is the same with or without them. ``genre_threshold`` is in units of
+    ``1 / sqrt(dim)``; ``age_corr`` and ``year_corr`` are about the correlations of age with
+    the users' first latent coordinate and of year with popularity.
+    """
+    if min(n_users, n_items, dim, n_genres, n_segments) < 1:
+        raise ValueError("n_users, n_items, dim, n_genres and n_segments must be >= 1")
+    if not 0.0 <= age_corr <= 1.0 or not 0.0 <= year_corr <= 1.0:
+        raise ValueError("age_corr and year_corr must be between 0 and 1")
+    _, user_vecs, item_vecs, pop_rank = _initial_draws(n_users, n_items, dim, seed)
+    rng = np.random.default_rng([seed, 1])  # the side tables' own draws
+    genres = _genres(item_vecs, rng, n_genres, genre_threshold / np.sqrt(dim))
+    years = _years(pop_rank, popularity_skew, rng, year_corr)
+    segment_dirs = _unit(rng.standard_normal((n_segments, dim)))
+    segment = np.argmax(user_vecs @ segment_dirs.T, axis=1)
+    first = user_vecs[:, 0] * np.sqrt(dim)  # about N(0, 1)
+    age_score = age_corr * first + np.sqrt(1.0 - age_corr**2) * rng.standard_normal(n_users)
+    age = np.clip(np.round(40 + 10 * age_score), 18, 70).astype(np.int64)
+    region = rng.integers(0, N_REGIONS, n_users)
+    users = pd.DataFrame(
+        {
+            USER: _names("u", n_users),
+            "segment": np.array([f"s{k}" for k in range(n_segments)], dtype=object)[segment],
+            "age": age,
+            "region": np.array([f"r{k}" for k in range(N_REGIONS)], dtype=object)[region],
+        }
+    )
+    items = pd.DataFrame({ITEM: _names("i", n_items), "genres": genres, "year": years})
+    return users, items
+
+
+def _remove_side_tables(root: str) -> None:
+    """Delete the ``users`` and ``items`` side tables stored at ``root``, if any."""
+    fs, path = fsspec.core.url_to_fs(root)
+    for name in SIDE_TABLES:
+        file = f"{path.rstrip('/')}/{SIDE_DIR}/{name}.parquet"
+        if fs.exists(file):
+            fs.rm(file)
+
+
+def write_synthetic(root: str, side: bool = True, **kwargs: Any) -> dict[str, Any]:
     """Generate a stream with :func:`generate_stream` (``kwargs``) and store it at ``root``.
 
     Replaces what is stored there; ``dataset.json`` is named ``"synthetic"`` and records the
-    generator's arguments. Returns the dataset summary.
+    generator's arguments. With ``side`` (the default) the ``users`` and ``items`` side tables
+    of :func:`generate_side_tables` are stored too (``kwargs`` may hold its own arguments,
+    e.g. ``n_genres``) and their columns recorded as ``side_tables``; without, any stored
+    ``users`` and ``items`` side tables are deleted (they would describe another stream).
+    Returns the dataset summary.
     """
     root = str(root)
+    side_only = set(inspect.signature(generate_side_tables).parameters) - set(
+        inspect.signature(generate_stream).parameters
+    )
+    side_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in side_only}
+    if side_kwargs and not side:
+        raise TypeError(f"side table arguments without side tables: {sorted(side_kwargs)}")
     params = inspect.signature(generate_stream).bind(**kwargs)
     params.apply_defaults()
     df = generate_stream(**params.arguments)
     write_interactions(df, root, replace_all=True)
-    info = write_dataset_info(
-        root, NAME, params.arguments["period"], extra={"generator": params.arguments}
-    )
+    extra: dict[str, Any] = {"generator": params.arguments}
+    if side:
+        shared = {k: params.arguments[k] for k in ("n_users", "n_items", "dim", "seed",
+                                                   "popularity_skew")}
+        tables = dict(zip(SIDE_TABLES, generate_side_tables(**shared, **side_kwargs),
+                          strict=True))
+        for name, table in tables.items():
+            write_side_table(table, root, name)
+        extra["side_tables"] = {name: list(table.columns) for name, table in tables.items()}
+    else:
+        _remove_side_tables(root)
+    info = write_dataset_info(root, NAME, params.arguments["period"], extra=extra)
     return summarize(root, info)

@@ -1,0 +1,134 @@
+"""Cold-start benchmark: new users (support of 1, 3, 5 items), returning users, and the
+per-user model choice, on MovieLens-100k and the synthetic stream (with side features).
+
+Three seeds by default; every figure is a mean over them with its spread, every choice
+(each model's configuration and blend) made on validation periods. The MF champion and
+the popularity floor are the ones `make bench`'s backtest chose (configs/<dataset>.yaml).
+Writes benchmarks/results/cold-<dataset>/ (per_period.csv, cold.json), adds the section
+under ``cold`` to benchmarks/results/backtest-<dataset>/summary.json, and writes
+benchmarks/results/cold.md and cold.json with both datasets side by side.
+
+    python -m benchmarks.cold_start                  # both datasets
+    python -m benchmarks.cold_start --only ml-100k   # keeps the other dataset's figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.backtest import (
+    RESULTS,
+    SYNTHETIC,
+    hardware,
+    prepare,
+    produced_by,
+    provenance_line,
+)
+from smlrec import coldtrack as ct
+from smlrec.backtest import _jsonable, auto_jobs
+from smlrec.config import DailyConfig
+from smlrec.data.store import read_periods
+from smlrec.data.synthetic import write_synthetic
+from smlrec.device import configure_threads, pick_device
+from smlrec.side import load_side_tables
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# Configurations tried (chosen on validation periods; see the module doc of smlrec.melu,
+# smlrec.two_tower and smlrec.selector for what each field does).
+MELU_GRID: list[dict] = [{}, {"local_steps": 1, "local_lr": 0.05}]
+TWO_TOWER_GRID: list[dict] = [{}, {"epochs": 10, "replay": 3}]
+
+
+def track_config(name: str, device: str, seeds: tuple[int, ...], progress: bool
+                 ) -> ct.ColdTrackConfig:
+    """The track's settings: champion and floor from configs/<name>.yaml."""
+    conf = DailyConfig.load(str(CONFIGS / f"{name}.yaml"))
+    champion = next(c for c in conf.challengers if c.method != "sml")
+    return ct.ColdTrackConfig(champion=champion, floor=conf.floor, melu=MELU_GRID,
+                              two_tower=TWO_TOWER_GRID, seeds=seeds, device=device,
+                              progress=progress, pretrain_epochs=conf.pretrain_epochs,
+                              pretrain_lr=3e-3)
+
+
+def run(name: str, device: str, seeds: tuple[int, ...], progress: bool, jobs: int) -> dict:
+    root = prepare(name)
+    users, items = load_side_tables(root)
+    if name == "synthetic" and users is None:  # stored before the stream had side tables
+        write_synthetic(root, **SYNTHETIC)
+        users, items = load_side_tables(root)
+    if users is None and items is None:
+        raise SystemExit(f"{root} has no side tables: the cold track needs user/item features")
+    cfg = track_config(name, device, seeds, progress)
+    start = time.perf_counter()
+    run_ = ct.run_cold_track(read_periods(root), users, items, cfg,
+                             jobs=jobs or auto_jobs(len(seeds), device))
+    summary = ct.summarize_cold(run_, cfg.primary_support)
+    summary["config"] = cfg.model_dump(mode="json")
+    summary["wall_seconds"] = time.perf_counter() - start
+    summary["produced_by"] = produced_by()
+    out = RESULTS / f"cold-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    run_.results.to_csv(out / "per_period.csv", index=False)
+    (out / "cold.json").write_text(json.dumps(summary, indent=2, default=_jsonable) + "\n")
+    main_summary = RESULTS / f"backtest-{name}" / "summary.json"
+    if main_summary.exists():
+        doc = json.loads(main_summary.read_text())
+        doc["cold"] = summary
+        main_summary.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
+    print(ct.format_cold(summary))
+    return summary
+
+
+def markdown(out: dict) -> str:
+    hw = out["hardware"]
+    lines = ["# Cold start and per-user model choice", "",
+             f"Measured on {hw['cpu']} ({hw['cpu_count']} cores), device `{hw['device']}`, "
+             f"torch {hw['torch']}. Test periods only; each model at the configuration and "
+             "blend its validation periods chose (mean NDCG@20 over seeds). Cold users: "
+             "first seen in the period, support = their first n known items, query = the "
+             "rest, ranked over every known item; returning users: the backtest's users, "
+             "support = their 20 most recent items. Ratios: paired bootstrap 95% intervals "
+             "over test users. Reproduce: `python -m benchmarks.cold_start` (part of "
+             "`make bench`).", ""]
+    for name, s in out["datasets"].items():
+        lines += [f"# {name}", "", provenance_line(s.get("produced_by")), "",
+                  f"Wall time {s.get('wall_seconds', float('nan')):.0f} s.", "",
+                  ct.format_cold(s), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--only", choices=["ml-100k", "synthetic"], help="run one dataset")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--seeds", default="0,1,2", help="every figure is a mean over these")
+    ap.add_argument("--jobs", type=int, default=0, help="seeds side by side in this many "
+                    "processes (0: one per seed up to the cores)")
+    args = ap.parse_args()
+    configure_threads()
+    device = pick_device(args.device)
+    seeds = tuple(int(x) for x in args.seeds.split(","))
+    names = [args.only] if args.only else ["ml-100k", "synthetic"]
+    out = {"hardware": hardware(device), "datasets": {}}
+    for name in names:
+        print(f"\n=== {name} ===")
+        out["datasets"][name] = run(name, str(device), seeds, not args.no_progress, args.jobs)
+    path = RESULTS / "cold.json"
+    if args.only and path.exists():
+        kept = json.loads(path.read_text()).get("datasets", {})
+        out["datasets"] = {k: v for k, v in {**kept, **out["datasets"]}.items()}
+    path.write_text(json.dumps(out, indent=2, default=_jsonable) + "\n")
+    (RESULTS / "cold.md").write_text(markdown(out))
+    print(f"wrote {path} and {RESULTS / 'cold.md'}")
+
+
+if __name__ == "__main__":
+    pd.set_option("display.width", 120)
+    main()
