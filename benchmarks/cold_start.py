@@ -56,7 +56,8 @@ def track_config(name: str, device: str, seeds: tuple[int, ...], progress: bool
                               pretrain_lr=3e-3)
 
 
-def run(name: str, device: str, seeds: tuple[int, ...], progress: bool, jobs: int) -> dict:
+def run(name: str, device: str, seeds: tuple[int, ...], progress: bool, jobs: int,
+        write_config: bool = True) -> dict:
     root = prepare(name)
     users, items = load_side_tables(root)
     if name == "synthetic" and users is None:  # stored before the stream had side tables
@@ -82,7 +83,34 @@ def run(name: str, device: str, seeds: tuple[int, ...], progress: bool, jobs: in
         doc["cold"] = summary
         main_summary.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
     print(ct.format_cold(summary))
+    if write_config:
+        path = write_cold_config(name, cfg, summary)
+        print(f"wrote the cold section of {path}")
     return summary
+
+
+def write_cold_config(name: str, cfg: ct.ColdTrackConfig, summary: dict) -> Path:
+    """Add the cold-start model chosen on validation (MeLU's configuration and blend on the
+    primary support size) to configs/<name>.yaml, the daily run's configuration."""
+    from smlrec.config import ColdConfig
+
+    path = CONFIGS / f"{name}.yaml"
+    text = path.read_text()
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    conf = DailyConfig.load(str(path))
+    pick = summary["tracks"][f"cold@{cfg.primary_support}"]["melu"]["variant"]
+    cold = ColdConfig(melu=cfg.melu[int(pick["config"])], blend=float(pick["blend"]),
+                      support=cfg.primary_support, pretrain_epochs=cfg.melu_pretrain_epochs,
+                      epochs=cfg.melu_epochs, replay=cfg.melu_replay,
+                      max_support=max(cfg.n_support), recent=cfg.recent)
+    selection = {**conf.selection, "cold": {
+        "chosen_on": "validation periods, cold users with a support of "
+                     f"{cfg.primary_support}, mean NDCG@20 over seeds",
+        "figures": {m: {"val_ndcg@20": e["val_ndcg@20"], "test_ndcg@20": e["ndcg@20"]}
+                    for m, e in summary["tracks"][f"cold@{cfg.primary_support}"].items()}}}
+    conf = conf.model_copy(update={"cold": cold, "selection": selection})
+    path.write_text(header + conf.to_yaml())
+    return path
 
 
 def markdown(out: dict) -> str:
@@ -109,6 +137,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["ml-100k", "synthetic"], help="run one dataset")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--seeds", default="0,1,2", help="every figure is a mean over these")
+    ap.add_argument("--no-config", action="store_true",
+                    help="do not add the chosen cold-start model to configs/<dataset>.yaml")
     ap.add_argument("--jobs", type=int, default=0, help="seeds side by side in this many "
                     "processes (0: one per seed up to the cores)")
     args = ap.parse_args()
@@ -119,7 +149,8 @@ def main() -> None:
     out = {"hardware": hardware(device), "datasets": {}}
     for name in names:
         print(f"\n=== {name} ===")
-        out["datasets"][name] = run(name, str(device), seeds, not args.no_progress, args.jobs)
+        out["datasets"][name] = run(name, str(device), seeds, not args.no_progress, args.jobs,
+                                    not args.no_config and device.type == "cpu")
     path = RESULTS / "cold.json"
     if args.only and path.exists():
         kept = json.loads(path.read_text()).get("datasets", {})

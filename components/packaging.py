@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from smlrec.errors import SmlrecError
 from smlrec.faults import failpoint
@@ -77,19 +78,40 @@ def package(state_uri: str, stage: str = "production", decided_in: str | None = 
                 "dim": int(tensors[ukey].shape[1]), "n_users": len(users),
                 "n_items": len(items), "prior_column": prior_column,
                 "gate": json.dumps(scores), "last_decision": json.dumps(store.last_decision())}
+    cold_t, cold_meta, cold_files = cold_parts(store, tensors, meta, data_uri, items, period,
+                                               decided_in)
+    metadata["cold_path"] = cold_meta.get("cold_path", "")
     with bentoml.models.create(name, labels={"stage": stage, "period": period,
                                              "strategy": strategy},
                                metadata=metadata) as model:
         save_bundle(model.path_of("bundle"),
-                    {"user": tensors[ukey], "item": tensors[ikey]},
+                    {"user": tensors[ukey], "item": tensors[ikey], **cold_t},
                     {"period": period, "stage": stage, "strategy": strategy,
-                     "prior_column": prior_column, "gate": scores},
+                     "prior_column": prior_column, "gate": scores, **cold_meta},
                     {"vocab_users.json": users.to_json().encode(),
                      "vocab_items.json": items.to_json().encode(),
-                     "popular.json": json.dumps(popular).encode()})
+                     "popular.json": json.dumps(popular).encode(), **cold_files})
         failpoint("package.inside", stage)  # BentoML commits the model when the block exits
     store.record_package({**record, "tag": str(model.tag)})
     return str(model.tag)
+
+
+def cold_parts(store: StateStore, tensors: dict, meta: dict, data_uri: str, items: Any,
+               period: str, decided_in: str | None) -> tuple[dict, dict, dict]:
+    """The cold-start model packaged beside the served one (``smlrec.coldstart``), with the
+    cold path the gate chose for it (at the gate of ``decided_in``; none before a gate, so a
+    candidate answers new users by the mean embedding). Empty without a data store (the
+    side tables are read from it) or without a cold-start model in the bundle."""
+    from smlrec import coldstart
+    from smlrec.daily import load_config
+
+    if not data_uri or not meta.get(coldstart.META_KEY):
+        return {}, {}, {}
+    decision = next((d for d in reversed(store.decisions())
+                     if d.get("candidate") == period and d.get("cold")), None)
+    path = str(decision["cold"].get("path", "")) if decision and decided_in else ""
+    return coldstart.serving_parts(tensors, meta, data_uri, items, decided_in or period, path,
+                                   load_config(store))
 
 
 def package_production(state_uri: str, decided_in: str | None = None, data_uri: str = "") -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from smlrec.coldstart import META_KEY, SERVE_PREFIX, ServedMeLU
 from smlrec.io import load_bundle
 from smlrec.vocab import Vocab
 
@@ -74,7 +75,7 @@ class ServedModel:
 
     def __init__(self, user: torch.Tensor, item: torch.Tensor, users: Vocab, items: Vocab,
                  info: ModelInfo, popular: Sequence[str] = (), device: torch.device | str = "cpu",
-                 prior_column: bool = False):
+                 prior_column: bool = False, melu: ServedMeLU | None = None):
         if user.ndim != 2 or item.ndim != 2 or user.shape[1] != item.shape[1]:
             raise ValueError(f"embedding shapes do not match: user {tuple(user.shape)}, "
                              f"item {tuple(item.shape)}")
@@ -91,6 +92,9 @@ class ServedModel:
         self._user_row = {u: i for i, u in enumerate(users.ids)}
         self._item_row = {v: i for i, v in enumerate(self.item_ids)}
         self.popular = list(popular)  # real items of the latest period, known to the model or not
+        # The cold-start model packaged beside this one; it answers users the model does not
+        # know only when the gate found it better than the mean embedding (its cold path).
+        self.melu = melu if melu is not None and melu.path == "melu" else None
 
     # ------------------------------------------------------------------ loading
 
@@ -107,10 +111,12 @@ class ServedModel:
         info = replace(info, period=info.period or str(meta.get("period", "")),
                        gate=info.gate or dict(meta.get("gate") or {}), loaded_at=time.time(),
                        strategy=strategy)
+        melu = (ServedMeLU(tensors, meta, files, device)
+                if f"{SERVE_PREFIX}user" in tensors and META_KEY in meta else None)
         return cls(tensors[user_key], tensors[item_key],
                    Vocab.from_json(files["vocab_users.json"].decode()),
                    Vocab.from_json(files["vocab_items.json"].decode()),
-                   info, popular, device, prior_column)
+                   info, popular, device, prior_column, melu)
 
     # ------------------------------------------------------------------ lookups
 
@@ -151,7 +157,24 @@ class ServedModel:
             query[-1] = 1.0  # the blend applies in full, as for a known user
         return query
 
+    @torch.inference_mode()
+    def melu_scores(self, user_id: str, rows: Sequence[int]) -> torch.Tensor:
+        """Every item's score for a user the model does not know, from MeLU adapted to the
+        item rows they interacted with (the cold path; ``self.melu`` must be set)."""
+        assert self.melu is not None
+        return self.melu.scores(user_id, list(rows))[: self.n_items]
+
     # ------------------------------------------------------------------ ranking
+
+    @staticmethod
+    def top_of(scores: torch.Tensor, k: int, exclude: Sequence[int] = ()) -> TopK:
+        """The ``k`` best items of one score vector, ``exclude`` left out."""
+        scores = scores.clone()
+        if exclude:
+            scores[torch.as_tensor(list(exclude), dtype=torch.long)] = float("-inf")
+        values, index = torch.topk(scores, min(k, len(scores)))
+        keep = values != float("-inf")
+        return TopK(index[keep].tolist(), values[keep].tolist())
 
     @torch.inference_mode()
     def topk(self, queries: torch.Tensor, ks: Sequence[int],
@@ -206,4 +229,6 @@ class ServedModel:
                     if self.info.stage == "candidate" else {}),
                 "source": self.info.source,
                 "loaded_at": iso_time(self.info.loaded_at), "n_users": self.n_users,
-                "n_items": self.n_items, "dim": self.dim, "device": str(self.device)}
+                "n_items": self.n_items, "dim": self.dim, "device": str(self.device),
+                "cold_path": "melu" if self.melu is not None else "mean embedding of recent "
+                "items"}

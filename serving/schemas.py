@@ -19,12 +19,14 @@ MAX_ID_LENGTH = 256
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
 K = Annotated[int, Field(ge=1, le=MAX_K, description=f"How many items, 1 to {MAX_K}.")]
-Path = Literal["user", "recent_items", "feast_recent_items", "popular"]
+Path = Literal["user", "melu", "recent_items", "feast_recent_items", "popular"]
 PATH_HELP = (
-    "Which path answered: 'user' (the model knows the user), 'recent_items' (an embedding "
-    "built from the request's recent items), 'feast_recent_items' (from the user's recent "
-    "items in the Feast online store), 'popular' (nothing known: the latest period's most "
-    "popular items)."
+    "Which path answered: 'user' (the model knows the user), 'melu' (a user the model does "
+    "not know: the cold-start model MeLU adapted to their recent items, from the request "
+    "or Feast, where the gate found it better than the mean embedding), 'recent_items' (an "
+    "embedding built from the request's recent items), 'feast_recent_items' (from the "
+    "user's recent items in the Feast online store), 'popular' (nothing known: the latest "
+    "period's most popular items)."
 )
 
 

@@ -264,11 +264,14 @@ class Recommender:
         row = model.user_row(user_id)
         if row is not None:
             return model.user_vector(row), "user", ignored
-        if recent_rows:
-            return model.mean_item_vector(recent_rows), "recent_items", ignored
-        feast_rows = model.item_rows(feast_recent)[0] if feast_recent else []
-        if feast_rows:
-            return model.mean_item_vector(feast_rows), "feast_recent_items", ignored
+        rows, path = recent_rows, "recent_items"
+        if not rows:
+            rows = model.item_rows(feast_recent)[0] if feast_recent else []
+            path = "feast_recent_items"
+        if rows and model.melu is not None:  # MeLU adapted to the items: every item's score
+            return await asyncio.to_thread(model.melu_scores, user_id, rows), "melu", ignored
+        if rows:
+            return model.mean_item_vector(rows), path, ignored
         return None, "popular", ignored
 
     # ------------------------------------------------------------------ endpoints
@@ -304,7 +307,10 @@ class Recommender:
                                                           range(len(items))],
                 model=served, path="popular", fallback=True, ignored_items=ignored)
         exclude, _ = model.item_rows(sorted(seen))
-        top = await self.batcher.submit((model, query, req.k, exclude))
+        if path == "melu":  # the query is already every item's score
+            top = model.top_of(query, req.k, exclude)
+        else:
+            top = await self.batcher.submit((model, query, req.k, exclude))
         return RecommendResponse(
             user_id=req.user_id, items=[model.item_ids[r] for r in top.rows], scores=top.scores,
             model=_served_by(model), path=path, fallback=path != "user", ignored_items=ignored)
@@ -327,9 +333,10 @@ class Recommender:
             if query is None:
                 raise RequestError(404, f"unknown user {req.user_id!r} and none of their recent "
                                    "items is known: nothing to score with")
+            scores = (query[torch.as_tensor(rows, dtype=torch.long)].tolist()
+                      if path == "melu" else model.score(query, rows))
             return ScoreResponse(user_id=req.user_id, item_ids=list(req.item_ids),
-                                 scores=model.score(query, rows), model=_served_by(model),
-                                 path=path)
+                                 scores=scores, model=_served_by(model), path=path)
         except RequestError as exc:
             return exc.response()
 

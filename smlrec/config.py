@@ -102,6 +102,32 @@ class MethodSpec(_Config):
                                    "{window: 3, epochs: 20, lr: 0.003, blend: 4}.")
 
 
+class ColdConfig(_Config):
+    """The cold-start model of the daily run (MeLU; see ``smlrec.coldstart``), chosen on
+    validation periods by the cold-start benchmark."""
+
+    melu: dict[str, Any] = Field(default_factory=dict, description="MeLUConfig fields.")
+    blend: float = Field(0.0, ge=0, description="Served MeLU score + blend·log1p(floor "
+                         "popularity) (0: MeLU alone).")
+    support: int = Field(3, ge=1, description="Gate: new users' first this many items are "
+                         "the support, the rest the query.")
+    path: Literal["auto", "melu", "recent_items"] = Field(
+        "auto", description="How the service answers users the model does not know: auto "
+        "(MeLU where the latest gate found it better than the mean embedding of their recent "
+        "items and the floor on the period's new users, else the mean embedding), melu or "
+        "recent_items (always that path; the gate still scores both).")
+    pretrain_epochs: int = Field(20, ge=1, description="Bootstrap: passes over the "
+                                 "pretraining periods' tasks.")
+    epochs: int = Field(3, ge=1, description="Passes over the newest periods' tasks after "
+                        "each period.")
+    replay: int = Field(3, ge=1, description="Periods of tasks meta-trained on after each "
+                        "period (the newest and the ones before it).")
+    max_support: int = Field(5, ge=1, description="Training tasks: a new user's support is "
+                             "their first s items, s drawn from 1..max_support.")
+    recent: int = Field(20, ge=1, description="Training tasks: a returning user's support "
+                        "is their this many most recent items.")
+
+
 class DailyConfig(_Config):
     """What the daily run trains and how it decides: one file per dataset
     (``configs/<dataset>.yaml``), written by the backtest's selection on validation periods
@@ -124,6 +150,10 @@ class DailyConfig(_Config):
                            "challenger's params override them).")
     loss: LossConfig = Field(default_factory=LossConfig, description="Loss defaults.")
     mf: MFConfig = Field(default_factory=MFConfig, description="MF retraining defaults.")
+    cold: ColdConfig | None = Field(None, description="The cold-start model (MeLU) trained, "
+                                    "gated and packaged beside the challengers; none: "
+                                    "users the model does not know get the mean embedding "
+                                    "of their recent items.")
     tolerance: float = Field(0.05, ge=0, lt=1, description="Gate: a challenger may be this "
                              "much (relative) below the incumbent's NDCG@20 and still promote.")
     incumbent_test: Literal["bootstrap", "point"] = Field(

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from smlrec import metrics
+from smlrec import coldstart, metrics
 from smlrec.config import DailyConfig, MethodSpec, MFConfig
 from smlrec.data.store import canonical_order, list_periods, read_period, read_periods
 from smlrec.errors import IntegrityError, SmlrecError
@@ -163,12 +163,17 @@ def _other_tensors(strategies: dict[str, Strategy]) -> tuple[dict[str, torch.Ten
 
 
 def save_candidate(store: StateStore, period_id: str, sml: SML, others: dict[str, Strategy],
-                   users: Vocab, items: Vocab, cfg: DailyConfig, **meta: Any) -> None:
-    """The period's bundle: SML's state, every other challenger's state, and what each
-    challenger serves (``serve.<name>.user`` / ``.item``, the blend column included)."""
+                   users: Vocab, items: Vocab, cfg: DailyConfig,
+                   cold: tuple[dict[str, torch.Tensor], dict] | None = None, **meta: Any) -> None:
+    """The period's bundle: SML's state, every other challenger's state, what each
+    challenger serves (``serve.<name>.user`` / ``.item``, the blend column included) and,
+    with ``cold``, the cold-start model's tensors and metadata (``smlrec.coldstart``)."""
     tensors, sml_meta = sml.state()
     other_t, other_meta = _other_tensors(others)
     tensors.update(other_t)
+    if cold is not None:
+        tensors.update(cold[0])
+        meta[coldstart.META_KEY] = cold[1]
     challengers = {}
     for name, s in {"sml": sml, **others}.items():
         w = s.weights()
@@ -343,6 +348,14 @@ def gate(data_root: str, store: StateStore, period_id: str, cfg: DailyConfig) ->
     result = decide({n: scores[n] for n in names}, incumbent, scores["popularity"],
                     cfg.tolerance, vs_incumbent={n: v["ci95"] for n, v in vs_incumbent.items()}
                     if prod_id != cand_id else None)
+    cold = None
+    if cfg.cold is not None and c_meta.get(coldstart.META_KEY):
+        melu = coldstart.load(c_tensors, c_meta, data_root, c_users, c_items, cfg.device)
+        serve = result.strategy or result.best or names[0]
+        info = (c_meta.get("challengers") or {}).get(serve, {})
+        cold = coldstart.gate_cold(melu, c_meta[coldstart.META_KEY]["codes"], data_root,
+                                   models[serve][0].item, bool(info.get("prior_column")),
+                                   prior, test, c_users, c_items, cfg.cold)
     result.extra = {"period": period_id, "candidate_period": cand_id,
                     "incumbent_period": prod_id, "incumbent_strategy": prod_strategy,
                     "vs_floor": intervals, "vs_incumbent": vs_incumbent,
@@ -361,7 +374,8 @@ def gate(data_root: str, store: StateStore, period_id: str, cfg: DailyConfig) ->
             "vs_incumbent": vs_incumbent,
             "n_users": scores["popularity"]["n_users"],
             "n_interactions": scores["popularity"]["n_interactions"],
-            "floor": cfg.floor.model_dump(), "tolerance": cfg.tolerance})
+            "floor": cfg.floor.model_dump(), "tolerance": cfg.tolerance,
+            **({"cold": cold} if cold is not None else {})})
     if result.accept and (prod_id, prod_strategy) != (cand_id, result.strategy):
         store.set_pointer("production", cand_id, strategy=result.strategy,
                           decided_in=period_id)
@@ -451,8 +465,16 @@ def challengers_step(frame: pd.DataFrame, data_root: str, store: StateStore, per
         r = s.update(history, len(users), len(items))
         out[name] = {k: v for k, v in r.items() if isinstance(v, int | float)}
     other_t, other_meta = _other_tensors(others)
+    extra = {}
+    if cfg.cold is not None and meta.get(coldstart.META_KEY):
+        melu = coldstart.load(tensors, meta, data_root, users, items, cfg.device)
+        history = _history(data_root, period_id, None, users, items)
+        out["melu"] = coldstart.update_melu(melu, history, d, len(items), cfg.cold, cfg.seed)
+        melu_t, melu_meta = coldstart.save_tensors(melu, melu.features)
+        other_t.update(melu_t)
+        extra[coldstart.META_KEY] = melu_meta
     save_bundle(out_url, other_t, {"challengers": other_meta, "period_id": period_id,
-                                   "base_period": base}, _vocab_files(users, items))
+                                   "base_period": base, **extra}, _vocab_files(users, items))
     return {"seconds": time.perf_counter() - start, "challengers": out}
 
 
@@ -475,6 +497,7 @@ def transfer_step(frame: pd.DataFrame, in_url: str, store: StateStore, cfg: Dail
                      if data_root else [d])
     sml.refresh_prior(prior_history, len(items))
     others: dict[str, Strategy] = {}
+    cold = None
     if _others(cfg):
         if not others_url:
             raise SmlrecError("the run configuration has challengers besides sml; the "
@@ -485,7 +508,10 @@ def transfer_step(frame: pd.DataFrame, in_url: str, store: StateStore, cfg: Dail
             raise IntegrityError("the challengers were trained with other vocabularies than "
                                  "SML's; refusing to mix them in one bundle")
         others = _load_others(o_tensors, o_meta, cfg)
-    save_candidate(store, period_id, sml, others, users, items, cfg,
+        if o_meta.get(coldstart.META_KEY):
+            cold = ({k: v for k, v in o_tensors.items() if k.startswith(coldstart.PREFIX)},
+                    o_meta[coldstart.META_KEY])
+    save_candidate(store, period_id, sml, others, users, items, cfg, cold=cold,
                    base_period=meta["base_period"])
     store.set_pointer("candidate", period_id, base_period=meta["base_period"])
     return {"seconds": time.perf_counter() - start, "n_users": len(users),
@@ -546,10 +572,15 @@ def bootstrap(data_root: str, store: StateStore, cfg: DailyConfig, until: str) -
         extra_meta_passes(s, w0, data, sizes, p, len(data))
         for t in range(p, len(data)):
             s.update(data[: t + 1], *sizes[t])
+    cold = None
+    if cfg.cold is not None:
+        melu = coldstart.bootstrap_melu(data_root, data, sizes, users, items, cfg.cold, p,
+                                        cfg.seed, cfg.device)
+        cold = coldstart.save_tensors(melu, melu.features)
     store.save_config(cfg.to_yaml())
     others = {k: v for k, v in strategies.items() if k != "sml"}
-    save_candidate(store, periods[-1], sml, others, users, items, cfg, base_period=None,
-                   bootstrap={"pretrain": periods[:p], "meta": periods[p:]})
+    save_candidate(store, periods[-1], sml, others, users, items, cfg, cold=cold,
+                   base_period=None, bootstrap={"pretrain": periods[:p], "meta": periods[p:]})
     store.set_pointer("candidate", periods[-1], bootstrap=True)
     return {"pretrain_periods": periods[:p], "meta_periods": periods[p:],
             "candidate": periods[-1], "challengers": list(strategies),
