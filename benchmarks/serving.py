@@ -265,7 +265,7 @@ class Server:
 
 def run_load(url: str, user_ids: list[str], concurrency: int, duration: float,
              warmup: float, k: int, server_pid: int, single_worker: bool, seed: int,
-             client: str) -> dict[str, Any]:
+             client: str, recent_pool: list[str] | None = None) -> dict[str, Any]:
     """Closed-loop load (runs in the load-generator process); returns the measured figures."""
     try:
         import uvloop
@@ -275,7 +275,7 @@ def run_load(url: str, user_ids: list[str], concurrency: int, duration: float,
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
         out = runner.run(_load(url, user_ids, concurrency, duration, warmup, k, server_pid,
-                               single_worker, seed, client))
+                               single_worker, seed, client, recent_pool))
     out["client"] = f"{client} on {'uvloop' if factory else 'asyncio'}"
     return out
 
@@ -331,7 +331,8 @@ def _cpu_seconds(procs: list[Any]) -> float:
 
 async def _load(url: str, user_ids: list[str], concurrency: int, duration: float,
                 warmup: float, k: int, server_pid: int, single_worker: bool,
-                seed: int, client: str) -> dict[str, Any]:
+                seed: int, client: str, recent_pool: list[str] | None = None
+                ) -> dict[str, Any]:
     import psutil
 
     done: list[tuple[float, float, str]] = []  # (start, end, "200" or what went wrong)
@@ -341,6 +342,9 @@ async def _load(url: str, user_ids: list[str], concurrency: int, duration: float
         rng = random.Random(seed * 1000 + i)
         while not stop.is_set():
             body = {"user_id": rng.choice(user_ids), "k": k, "exclude_seen": False}
+            if recent_pool:  # a user the model does not know, with a few recent items
+                body["user_id"] = f"new-{i}-{len(done)}"
+                body["recent_items"] = rng.sample(recent_pool, 3)
             t0 = time.perf_counter()
             outcome, _ = await post("/recommend", body)
             done.append((t0, time.perf_counter(), outcome))
@@ -462,6 +466,79 @@ def run_size(n_items: int, args: argparse.Namespace, device: torch.device,
                   f"(clean: {out['stop']['clean']}, exit {out['stop']['returncode']})",
                   flush=True)
     out["comparison"] = compare(out)
+    return out
+
+
+PACKAGE_COLD = ("import sys\n"
+                "from components.packaging import package\n"
+                "print(package(sys.argv[1], 'production', sys.argv[2], sys.argv[3]))\n")
+
+
+def run_cold(args: argparse.Namespace, loadgen: ProcessPoolExecutor) -> dict[str, Any]:
+    """The cold path: ``POST /recommend`` for users the model does not know, each with 3
+    recent items, answered by MeLU's adaptation (path ``melu``). MovieLens-100k's items
+    and side features (the benchmark data store), a MeLU of the default configuration with
+    its initial weights and random MF tables (the values do not change the cost), packaged
+    by the pipeline's package step with the cold path set as a gate would set it."""
+    from benchmarks.backtest import prepare
+    from smlrec import coldstart
+    from smlrec.config import ColdConfig, DailyConfig
+    from smlrec.data.store import list_periods, read_periods
+    from smlrec.melu import MeLU, MeLUConfig
+
+    label = "[cold path]"
+    data = prepare("ml-100k")
+    periods = list_periods(data)
+    frame = read_periods(data, periods[:-1])
+    users = Vocab(frame["user_id"].astype(str))
+    items = Vocab(frame["item_id"].astype(str))
+    user, item, _, _ = make_model(len(users), len(items), args.dim, args.seed)
+    f = coldstart.features(data, users, items)
+    melu = MeLU(f, MeLUConfig(), seed=args.seed)
+    melu_t, melu_meta = coldstart.save_tensors(melu, f)
+    out: dict[str, Any] = {"n_items": len(items), "recent_items": 3, "http": []}
+    with tempfile.TemporaryDirectory(prefix="smlrec-serving-cold-") as tmp:
+        work = Path(tmp)
+        store = StateStore(str(work / "state"))
+        store.save_config(DailyConfig(cold=ColdConfig()).to_yaml())
+        store.save_period(periods[-2], {"w.user": user, "w.item": item, **melu_t},
+                          {coldstart.META_KEY: melu_meta}, users, items)
+        store.set_pointer("production", periods[-2])
+        store.append_decision({"period": periods[-1], "candidate": periods[-2],
+                               "cold": {"path": "melu", "reason": "serving benchmark"}})
+        env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"),
+               "BENTOML_DO_NOT_TRACK": "true"}
+        proc = subprocess.run([sys.executable, "-c", PACKAGE_COLD, store.uri, periods[-1],
+                               data], cwd=REPO, env=env, capture_output=True, text=True,
+                              check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"packaging failed:\n{proc.stderr[-4000:]}")
+        server = Server(work / "bentoml", args.workers, work / "server.log")
+        try:
+            server.start()
+            probe = server.post("/recommend", {"user_id": "probe", "k": args.k,
+                                               "recent_items": items.ids[:3]})
+            out["path"] = probe.get("path")
+            print(f"{label} {len(items):,} items; a new user's answer came by path "
+                  f"{out['path']!r}", flush=True)
+            assert server.proc is not None
+            for c in args.concurrency:
+                if c > 8:
+                    continue
+                r = loadgen.submit(run_load, server.url, ["unused"], c, args.duration,
+                                   args.warmup, args.k, server.proc.pid, args.workers == 1,
+                                   args.seed, args.client, items.ids).result()
+                out["http"].append(r)
+                lat = r["latency_ms"]
+                print(f"{label} HTTP concurrency {c:>3}: {r['requests_per_s']:>8,.0f} req/s, "
+                      f"p50 {_fmt(lat['p50'])} ms, p99 {_fmt(lat['p99'])} ms, "
+                      f"errors {r['errors']}, server CPU {r['server_cpu_pct']:.0f} %",
+                      flush=True)
+        except Exception:
+            print(f"{label} server log tail:\n{server.log_tail()}", file=sys.stderr)
+            raise
+        finally:
+            out["stop"] = server.stop()
     return out
 
 
@@ -589,6 +666,20 @@ def markdown(out: dict[str, Any]) -> str:
     lines += ["", "## HTTP against the in-process ceiling", "", *comparison_table(sizes), "",
               "## Verdicts", "", f"- {out['verdicts']['throughput']['line']}",
               f"- {out['verdicts']['p99']['line']}", ""]
+    cold = out.get("cold")
+    if cold:
+        lines += ["## The cold path (users the model does not know, answered by MeLU)", "",
+                  f"`POST /recommend` with a new user id and {cold['recent_items']} recent "
+                  f"items each, {cold['n_items']:,} items (MovieLens-100k), MeLU adapted "
+                  f"per request; answers came by path `{cold.get('path')}`.", "",
+                  "| concurrency | req/s | p50 (ms) | p99 (ms) | errors | server CPU |",
+                  "|---|---|---|---|---|---|"]
+        for r in cold["http"]:
+            lat = r["latency_ms"]
+            lines.append(f"| {r['concurrency']} | {r['requests_per_s']:,.0f} | "
+                         f"{_fmt(lat['p50'])} | {_fmt(lat['p99'])} | {r['errors']} | "
+                         f"{r['server_cpu_pct']:.0f} % |")
+        lines.append("")
     mismatched = [s["n_items"] for s in sizes.values()
                   if not s["server"]["answers_match_inprocess"]]
     lines.append("Checks: the service's answers for three users matched the in-process top-k "
@@ -615,6 +706,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp",
                     help="load generator's HTTP client (default aiohttp; httpx.AsyncClient "
                     "saturates first at high concurrency, encode/httpx#3215)")
+    ap.add_argument("--no-cold", action="store_true",
+                    help="skip the cold path (new users answered by MeLU, concurrency 1 and "
+                    "8, on MovieLens-100k's items)")
     ap.add_argument("--users", type=int, default=10_000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--k", type=int, default=10)
@@ -660,6 +754,8 @@ def main(argv: list[str] | None = None) -> None:
         loadgen.submit(_noop).result()  # start (and import) it before any server runs
         for n in args.sizes:
             out["sizes"][str(n)] = run_size(n, args, device, loadgen)
+        if not args.no_cold:
+            out["cold"] = run_cold(args, loadgen)
     out["verdicts"] = verdicts(out["sizes"], args.concurrency)
     print()
     print("\n".join(comparison_table(out["sizes"])))

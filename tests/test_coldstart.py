@@ -155,6 +155,17 @@ def test_api_answers_an_unknown_user_with_melu(ran, stream):
             assert got["items"] == [item_ids[i] for i in top]
             np.testing.assert_allclose(got["scores"], scores[top].numpy(), rtol=1e-4,
                                        atol=1e-5)
+        # concurrent cold requests: MeLU's adaptation is not re-entrant (torch.func), the
+        # service must still answer every one (this failed with 500s before the lock)
+        from concurrent.futures import ThreadPoolExecutor
+
+        def ask(i: int) -> int:
+            return httpx.post(f"{srv.url}/recommend", timeout=30, json={
+                "user_id": f"burst{i}", "k": 5,
+                "recent_items": [item_ids[r] for r in rows]}).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(ask, range(32))) == {200}
         known = next(iter(known_users))
         r = httpx.post(f"{srv.url}/recommend", timeout=30, json={"user_id": known, "k": 5})
         assert r.json()["path"] == "user"
