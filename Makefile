@@ -88,9 +88,11 @@ reliability: setup
 	SMLREC_RELIABILITY_JSON=$(CURDIR)/benchmarks/results/reliability.json $(VENV)/bin/pytest -q
 
 ## Benchmarks (figures saved under benchmarks/results/): the backtest (three seeds; it also
-## rewrites configs/<dataset>.yaml from its validation choices), one daily run, serving.
+## rewrites configs/<dataset>.yaml from its validation choices), the cold-start track (adds
+## the cold-start model chosen on validation to those files), one daily run, serving.
 bench: setup
 	$(PY) -m benchmarks.backtest --no-progress
+	$(PY) -m benchmarks.cold_start --no-progress
 	$(PY) -m benchmarks.daily_run
 	$(PY) -m benchmarks.serving
 

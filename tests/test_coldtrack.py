@@ -53,3 +53,37 @@ def test_task_metrics_rank_each_task_with_its_own_exclusions():
     assert m["n_users"] == 2
     np.testing.assert_allclose(m["per_user"]["ndcg@20"], [1.0, 1 / np.log2(3)], rtol=1e-6)
     assert m["recall@20"] == 1.0
+
+
+def test_the_cold_track_command_scores_every_model_and_the_oracle_bounds_them(tmp_path):
+    """`smlrec cold-track` end to end on a small stream with side tables (one seed)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from smlrec.cli import app
+    from smlrec.data.synthetic import write_synthetic
+
+    root = tmp_path / "data"
+    write_synthetic(str(root), n_users=400, n_items=60, n_periods=8,
+                    interactions_per_period=1200, returning_share=0.5, drift=0.1, seed=2)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["cold-track", "--data", str(root), "--out", str(out),
+                                 "--seeds", "0", "--split", "2,3,1,2", "--no-progress",
+                                 "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "cold.json").read_text())
+    for track in ("cold@1", "cold@3", "cold@5", "returning"):
+        models = summary["tracks"][track]
+        assert set(models) == {"mf", "two_tower", "melu", "pop", "selector", "oracle"}
+        assert all(0 <= m["ndcg@20"] <= 1 for m in models.values())
+    results = __import__("pandas").read_csv(out / "per_period.csv")
+    # the oracle picks each user's best base model: never below any raw base model
+    raw = results[results["variant"].isin(['{"blend": 0.0, "config": 0}', "{}"])]
+    for (track, t), g in raw.groupby(["track", "t"]):
+        oracle = g[g["model"] == "oracle"]["ndcg@20"].iloc[0]
+        bases = g[g["model"].isin(["mf", "two_tower", "melu", "pop"])]["ndcg@20"]
+        assert oracle >= bases.max() - 1e-9, (track, t)
+    weights = results[results["model"] == "selector"][[f"weight_{b}" for b in
+                                                       ("mf", "two_tower", "melu", "pop")]]
+    assert abs(weights.sum(axis=1) - 1).max() < 1e-5
