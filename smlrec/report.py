@@ -311,6 +311,16 @@ def state_report_html(decisions: list[dict], production: dict | None = None, *,
               f"<table><tr><th>period</th><th>decision</th><th>promoted</th>{head}"
               "<th>users</th><th>run s</th><th>reports</th><th>why</th></tr>"
               f"{''.join(body)}</table>"]
+    cold = [d for d in decisions if d.get("cold")]
+    if cold:
+        parts += ["<h2>Cold start at the gate</h2>",
+                  "<p>Yesterday's MeLU against the mean embedding of the support (the path "
+                  "for users the model does not know without MeLU) and the floor, on the "
+                  "period's new users (support: their first items, the rest to predict); "
+                  "the cold path is what the service's packages take.</p>",
+                  "<table><tr><th>period</th><th>new users</th><th>MeLU NDCG@20</th>"
+                  "<th>mean embedding</th><th>floor</th><th>cold path</th><th>why</th></tr>"
+                  + "".join(_cold_row(d, esc) for d in cold) + "</table>"]
     if packages:
         parts += ["<h2>Models packaged</h2>",
                   "<table><tr><th>stage</th><th>period</th><th>strategy</th>"
@@ -337,6 +347,19 @@ def state_report_html(decisions: list[dict], production: dict | None = None, *,
              ".lead{font-size:15px}.foot{color:#777;font-size:12px}")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}"
             f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def _cold_row(d: dict, esc: Any) -> str:
+    c = d["cold"]
+
+    def fig(name: str) -> str:
+        v = (c.get(name) or {}).get("ndcg@20")
+        return "" if v is None else f"{v:.4f}"
+
+    return (f"<tr><td>{esc(str(d.get('period')))}</td><td>{c.get('n_users', 0)}</td>"
+            f"<td>{fig('melu')}</td><td>{fig('mean_emb')}</td><td>{fig('popularity')}</td>"
+            f"<td>{esc(str(c.get('path', '')))}</td>"
+            f"<td class='why'>{esc(str(c.get('reason', '')))}</td></tr>")
 
 
 def markdown_page(markdown_text: str, title: str) -> str:

@@ -84,6 +84,10 @@ def test_the_gate_scores_melu_against_the_mean_embedding_and_the_floor(ran, stre
     frame = read_period(stream, periods[5])
     new = set(frame[USER]) - set(users.ids)
     assert 0 < cold["n_users"] <= len(new)
+    from smlrec.report import state_report_html
+
+    page = state_report_html(store.decisions())
+    assert "Cold start at the gate" in page and f"<td>{cold['n_users']}</td>" in page
 
 
 def test_auto_path_follows_the_scores(ran, stream):
