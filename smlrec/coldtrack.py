@@ -24,9 +24,10 @@ Models (each built by its module; all but the floor scored also with the blend
   adapted on the support set;
 - ``two_tower``: :class:`smlrec.two_tower.TwoTower`, the support (or recent items) as the
   user's bag;
-- ``selector``: :class:`smlrec.selector.MetaSelector` over the raw mf, two-tower, MeLU and
-  popularity scores, trained after each period on that period's users (returning and cold
-  at the primary support size), as the base models then serving would have scored them;
+- ``selector``: :class:`smlrec.selector.MetaSelector` (one per configuration of
+  ``selector``, chosen on validation) over the raw mf, two-tower, MeLU and popularity
+  scores, trained after each period on that period's users (returning and cold at the
+  primary support size), as the base models then serving would have scored them;
 - ``oracle``: per user, the best of those four base models on the query (an upper bound
   for any selector, as the MetaSelector paper reports).
 
@@ -95,7 +96,10 @@ class ColdTrackConfig(_Config):
     two_tower: list[dict] = Field(default_factory=lambda: [{}], description="Two-tower "
                                   "configurations (TwoTowerConfig fields), chosen on "
                                   "validation.")
-    selector: dict = Field(default_factory=dict, description="SelectorConfig fields.")
+    selector: list[dict] = Field(
+        default_factory=lambda: [{}, {"local_steps": 1}], description="MetaSelector "
+        "configurations (SelectorConfig fields), chosen on validation: by default the "
+        "plain selector and the meta-learned one (one local step on the support).")
     melu_pretrain_epochs: int = Field(20, ge=1, description="MeLU's passes over the "
                                       "pretraining periods' tasks before the replay starts.")
     melu_epochs: int = Field(3, ge=1, description="MeLU's passes over the tasks of the "
@@ -227,7 +231,7 @@ class _Models:
     floor: Any
     melus: list
     towers: list
-    selector: Any
+    selectors: list
     features: Any
 
 
@@ -305,13 +309,18 @@ def _selector_and_oracle(models: _Models, base: dict[str, torch.Tensor], tasks: 
     users = np.array([t.user for t in tasks], dtype=np.int64)
     stacked = torch.stack([base[b] for b in BASES], 1)
     mask = _mask(tasks, exclude, n_items)
-    ranked = models.selector.rank_scores(users, stacked, [t.support for t in tasks], mask)
-    ranked = torch.where(torch.isfinite(ranked), ranked, torch.full_like(ranked, -1e30))
-    m = task_metrics(ranked, tasks, exclude)
-    pu = m.pop("per_user")
-    w = models.selector.weights(users, stacked, [t.support for t in tasks]).mean(0).tolist()
-    rows.append({**key, "model": "selector", "variant": "{}", **m,
-                 **{f"weight_{b}": float(x) for b, x in zip(BASES, w, strict=True)}})
+    for j, selector in enumerate(models.selectors):
+        ranked = selector.rank_scores(users, stacked, [t.support for t in tasks], mask)
+        ranked = torch.where(torch.isfinite(ranked), ranked, torch.full_like(ranked, -1e30))
+        m = task_metrics(ranked, tasks, exclude)
+        pu = m.pop("per_user")
+        w = selector.weights(users, stacked, [t.support for t in tasks]).mean(0).tolist()
+        variant = json.dumps({"config": j})
+        rows.append({**key, "model": "selector", "variant": variant, **m,
+                     **{f"weight_{b}": float(x) for b, x in zip(BASES, w, strict=True)}})
+        if want_per_user:
+            per_user[(key["seed"], key["track"], "selector", variant, key["t"])] = {
+                k: pu[k].astype(np.float32) for k in ("ndcg@20", "recall@20")}
     each = [task_metrics(base[b], tasks, exclude)["per_user"] for b in BASES]
     per_model = np.stack([e["ndcg@20"] for e in each], 1)
     pick = oracle_choice(per_model)
@@ -323,8 +332,6 @@ def _selector_and_oracle(models: _Models, base: dict[str, torch.Tensor], tasks: 
                  "n_users": len(tasks), "n_interactions": int(sum(len(t.query) for t in tasks)),
                  **{f"share_{b}": float(np.mean(pick == j)) for j, b in enumerate(BASES)}})
     if want_per_user:
-        per_user[(key["seed"], key["track"], "selector", "{}", key["t"])] = {
-            k: pu[k].astype(np.float32) for k in ("ndcg@20", "recall@20")}
         per_user[(key["seed"], key["track"], "oracle", "{}", key["t"])] = {
             k: v.astype(np.float32) for k, v in oracle.items()}
 
@@ -351,9 +358,9 @@ def _build(cfg: ColdTrackConfig, features: Any, seed: int) -> tuple[list, list, 
     melus = [MeLU(features, MeLUConfig(**g), seed=seed, device=cfg.device) for g in cfg.melu]
     towers = [TwoTower(features, TwoTowerConfig(**g), seed=seed, device=cfg.device)
               for g in cfg.two_tower]
-    selector = MetaSelector(list(BASES), features, SelectorConfig(**cfg.selector), seed=seed,
-                            device=cfg.device)
-    return melus, towers, selector
+    selectors = [MetaSelector(list(BASES), features, SelectorConfig(**g), seed=seed,
+                              device=cfg.device) for g in cfg.selector]
+    return melus, towers, selectors
 
 
 def run_seed(data: Any, features: Any, split: Any, cfg: ColdTrackConfig, seed: int,
@@ -372,8 +379,8 @@ def run_seed(data: Any, features: Any, split: Any, cfg: ColdTrackConfig, seed: i
     floor = build_strategy(cfg.floor.method, cfg.floor.params, defaults)
     champion.start(w0)
     floor.start(w0)
-    melus, towers, selector = _build(cfg, features, seed)
-    models = _Models(champion, floor, melus, towers, selector, features)
+    melus, towers, selectors = _build(cfg, features, seed)
+    models = _Models(champion, floor, melus, towers, selectors, features)
     rng = np.random.default_rng([seed, 7])
     history: dict[int, np.ndarray] = {}
     by_period: list[list[UserTask]] = []
@@ -429,9 +436,11 @@ def run_seed(data: Any, features: Any, split: Any, cfg: ColdTrackConfig, seed: i
                 sel_excl += excl
             if sel_tasks:  # the selector learns from this period's outcomes
                 stacked = torch.cat([torch.stack([b[m] for m in BASES], 1) for b in sel_base])
-                selector.fit(np.array([t_.user for t_ in sel_tasks], dtype=np.int64), stacked,
-                             [t_.support for t_ in sel_tasks], [t_.query for t_ in sel_tasks],
-                             _mask(sel_tasks, sel_excl, stacked.shape[2]))
+                for selector in selectors:
+                    selector.fit(np.array([t_.user for t_ in sel_tasks], dtype=np.int64),
+                                 stacked, [t_.support for t_ in sel_tasks],
+                                 [t_.query for t_ in sel_tasks],
+                                 _mask(sel_tasks, sel_excl, stacked.shape[2]))
         # the period closes: every model learns from it
         tasks = training_tasks(d.users, d.items, history, rng, max(cfg.n_support), cfg.recent)
         add_history(history, d.users, d.items)
@@ -606,7 +615,7 @@ def summarize_cold(run: ColdRun, primary_support: int = 3) -> dict:
             if m in pick:
                 r[f"{m}_vs_floor"] = _ratio(run, track, (m, pick[m]), ("pop", pick["pop"]))
         if "selector" in pick:
-            r["selector_vs_best_single"] = _ratio(run, track, ("selector", "{}"),
+            r["selector_vs_best_single"] = _ratio(run, track, ("selector", pick["selector"]),
                                                   (best, pick[best]))
             r["oracle_vs_best_single"] = _ratio(run, track, ("oracle", "{}"),
                                                 (best, pick[best]))
