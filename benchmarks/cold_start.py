@@ -40,9 +40,15 @@ from smlrec.side import load_side_tables
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 # Configurations tried (chosen on validation periods; see the module doc of smlrec.melu,
-# smlrec.two_tower and smlrec.selector for what each field does).
-MELU_GRID: list[dict] = [{}, {"local_steps": 1, "local_lr": 0.05}]
+# smlrec.two_tower and smlrec.selector for what each field does). MeLU: the defaults and
+# the sampled-softmax losses in both loops (the one change that helped on ml-100k's
+# validation weeks in a search over rates, local steps, negatives, first-order MAML,
+# popularity as an input and a support bag); the two-tower model: one pass set per period
+# or more epochs over the last three periods; the selector: plain and meta-learned.
+MELU_GRID: list[dict] = [{}, {"loss": "softmax", "local_loss": "softmax"}]
 TWO_TOWER_GRID: list[dict] = [{}, {"epochs": 10, "replay": 3}]
+SELECTOR_GRID: list[dict] = [{}, {"local_steps": 1}]
+BLENDS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def track_config(name: str, device: str, seeds: tuple[int, ...], progress: bool
@@ -51,7 +57,8 @@ def track_config(name: str, device: str, seeds: tuple[int, ...], progress: bool
     conf = DailyConfig.load(str(CONFIGS / f"{name}.yaml"))
     champion = next(c for c in conf.challengers if c.method != "sml")
     return ct.ColdTrackConfig(champion=champion, floor=conf.floor, melu=MELU_GRID,
-                              two_tower=TWO_TOWER_GRID, seeds=seeds, device=device,
+                              two_tower=TWO_TOWER_GRID, selector=SELECTOR_GRID,
+                              blends=BLENDS, seeds=seeds, device=device,
                               progress=progress, pretrain_epochs=conf.pretrain_epochs,
                               pretrain_lr=3e-3)
 
