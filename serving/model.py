@@ -157,12 +157,13 @@ class ServedModel:
             query[-1] = 1.0  # the blend applies in full, as for a known user
         return query
 
-    @torch.inference_mode()
-    def melu_scores(self, user_id: str, rows: Sequence[int]) -> torch.Tensor:
-        """Every item's score for a user the model does not know, from MeLU adapted to the
-        item rows they interacted with (the cold path; ``self.melu`` must be set)."""
+    def melu_scores(self, user_ids: Sequence[str], rows: Sequence[Sequence[int]]
+                    ) -> torch.Tensor:
+        """Every item's score (B, n_items) for users the model does not know, from MeLU
+        adapted to the item rows each interacted with, in one batch (the cold path;
+        ``self.melu`` must be set)."""
         assert self.melu is not None
-        return self.melu.scores(user_id, list(rows))[: self.n_items]
+        return self.melu.scores_many(list(user_ids), [list(r) for r in rows])[:, : self.n_items]
 
     # ------------------------------------------------------------------ ranking
 

@@ -216,6 +216,10 @@ class Recommender:
         self.batcher: MicroBatcher[tuple[ServedModel, torch.Tensor, int, list[int]], TopK] = (
             MicroBatcher(_rank_batch, self.config.max_batch, self.config.batch_wait_ms,
                          threaded=self.config.batch_thread))
+        # New users answered by MeLU: their adaptations batched too (one vmapped call).
+        self.cold_batcher: MicroBatcher[tuple[ServedModel, str, list[int]], torch.Tensor] = (
+            MicroBatcher(_melu_batch, self.config.max_batch, self.config.batch_wait_ms,
+                         threaded=True))
 
     def __is_ready__(self) -> bool:
         """Ready when every request can be answered: a production model is loaded, or popular
@@ -228,6 +232,7 @@ class Recommender:
     def _shutdown(self) -> None:
         self.models.stop()
         self.batcher.close()
+        self.cold_batcher.close()
 
     # ------------------------------------------------------------------ helpers
 
@@ -269,7 +274,7 @@ class Recommender:
             rows = model.item_rows(feast_recent)[0] if feast_recent else []
             path = "feast_recent_items"
         if rows and model.melu is not None:  # MeLU adapted to the items: every item's score
-            return await asyncio.to_thread(model.melu_scores, user_id, rows), "melu", ignored
+            return await self.cold_batcher.submit((model, user_id, list(rows))), "melu", ignored
         if rows:
             return model.mean_item_vector(rows), path, ignored
         return None, "popular", ignored
@@ -398,6 +403,20 @@ class Recommender:
 
 Recommender.add_asgi_middleware(BodyLimit, max_bytes=CONFIG.max_body_bytes)
 Recommender.add_asgi_middleware(ApiFront)
+
+
+def _melu_batch(jobs: list[tuple[ServedModel, str, list[int]]]) -> list[torch.Tensor]:
+    """MeLU's adaptation for the batch's new users, one call per model."""
+    out: list[torch.Tensor | None] = [None] * len(jobs)
+    groups: dict[int, list[int]] = {}
+    for i, (model, *_rest) in enumerate(jobs):
+        groups.setdefault(id(model), []).append(i)
+    for idx in groups.values():
+        model = jobs[idx[0]][0]
+        scores = model.melu_scores([jobs[i][1] for i in idx], [jobs[i][2] for i in idx])
+        for j, i in enumerate(idx):
+            out[i] = scores[j]
+    return out  # type: ignore[return-value]
 
 
 def _rank_batch(jobs: list[tuple[ServedModel, torch.Tensor, int, list[int]]]) -> list[TopK]:

@@ -261,8 +261,12 @@ class ServedMeLU:
     def scores(self, user_id: str, support: list[int]) -> torch.Tensor:
         """Scores of every item for a user the model does not know, after adapting to
         ``support`` (their recent item rows). Safe to call from several threads."""
-        row = self.profiles.get(user_id, self.unknown_row)
+        return self.scores_many([user_id], [support])[0]
+
+    def scores_many(self, user_ids: list[str], supports: list[list[int]]) -> torch.Tensor:
+        """:meth:`scores` for several users at once (one vmapped adaptation), (B, n_items)."""
+        rows = [self.profiles.get(u, self.unknown_row) for u in user_ids]
         with self._lock:
-            s = self.model.score([row], [np.asarray(support, dtype=np.int64)],
-                                 self.n_items)[0]
+            s = self.model.score(rows, [np.asarray(x, dtype=np.int64) for x in supports],
+                                 self.n_items)
         return s.float().cpu() + self.blend * self.log_prior
