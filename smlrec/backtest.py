@@ -354,36 +354,20 @@ def _seed_worker(data: IndexedPeriods, split: Split, cfg: BacktestConfig, seed: 
 def _run_seeds_in_workers(data: IndexedPeriods, split: Split, cfg: BacktestConfig, last: int,
                           log: Callable[[str], None], bar: Any, jobs: int
                           ) -> list[tuple[list[dict], dict]]:
-    """Each seed's run in its own process (spawned: safe with CUDA), results in seed order;
-    the workers' progress and log lines come back through a queue."""
-    import multiprocessing as mp
-    import threading
-    from concurrent.futures import ProcessPoolExecutor
+    """Each seed's run in its own process, results in seed order; the workers' progress
+    and log lines come back through a queue."""
+    from smlrec.workers import run_in_workers
 
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        queue = manager.Queue()
+    def on_message(kind: str, value: Any) -> None:
+        if kind == "tick":
+            bar.update(value)
+        elif kind == "postfix":
+            bar.set_postfix_str(value)
+        else:
+            log(value)
 
-        def relay() -> None:
-            while (msg := queue.get()) is not None:
-                kind, value = msg
-                if kind == "tick":
-                    bar.update(value)
-                elif kind == "postfix":
-                    bar.set_postfix_str(value)
-                else:
-                    log(value)
-
-        thread = threading.Thread(target=relay, daemon=True)
-        thread.start()
-        try:
-            with ProcessPoolExecutor(min(jobs, len(cfg.seeds)), mp_context=ctx) as pool:
-                futures = [pool.submit(_seed_worker, data, split, cfg, seed, last, queue)
-                           for seed in cfg.seeds]
-                return [f.result() for f in futures]
-        finally:
-            queue.put(None)
-            thread.join()
+    return run_in_workers(_seed_worker, [(data, split, cfg, seed, last) for seed in cfg.seeds],
+                          jobs, on_message)
 
 
 def _run_seed(data: IndexedPeriods, split: Split, cfg: BacktestConfig, seed: int, last: int,

@@ -501,28 +501,10 @@ def _seed_worker(data: Any, features: Any, split: Any, cfg: ColdTrackConfig, see
 
 def _in_workers(data: Any, features: Any, split: Any, cfg: ColdTrackConfig,
                 log: Callable[[str], None], tick: Callable[[str], None], jobs: int) -> list:
-    import multiprocessing as mp
-    import threading
-    from concurrent.futures import ProcessPoolExecutor
+    from smlrec.workers import run_in_workers
 
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        queue = manager.Queue()
-
-        def relay() -> None:
-            while (msg := queue.get()) is not None:
-                (tick if msg[0] == "tick" else log)(msg[1])
-
-        thread = threading.Thread(target=relay, daemon=True)
-        thread.start()
-        try:
-            with ProcessPoolExecutor(min(jobs, len(cfg.seeds)), mp_context=ctx) as pool:
-                futures = [pool.submit(_seed_worker, data, features, split, cfg, s, queue)
-                           for s in cfg.seeds]
-                return [f.result() for f in futures]
-        finally:
-            queue.put(None)
-            thread.join()
+    return run_in_workers(_seed_worker, [(data, features, split, cfg, s) for s in cfg.seeds],
+                          jobs, lambda kind, value: (tick if kind == "tick" else log)(value))
 
 
 # ----------------------------------------------------------------------------- summary

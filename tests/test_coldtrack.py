@@ -56,7 +56,8 @@ def test_task_metrics_rank_each_task_with_its_own_exclusions():
 
 
 def test_the_cold_track_command_scores_every_model_and_the_oracle_bounds_them(tmp_path):
-    """`smlrec cold-track` end to end on a small stream with side tables (one seed)."""
+    """`smlrec cold-track` end to end on a small stream with side tables (two seeds, run
+    side by side in worker processes where the machine has two cores)."""
     import json
 
     from typer.testing import CliRunner
@@ -69,7 +70,7 @@ def test_the_cold_track_command_scores_every_model_and_the_oracle_bounds_them(tm
                     interactions_per_period=1200, returning_share=0.5, drift=0.1, seed=2)
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["cold-track", "--data", str(root), "--out", str(out),
-                                 "--seeds", "0", "--split", "2,3,1,2", "--no-progress",
+                                 "--seeds", "0,1", "--split", "2,3,1,2", "--no-progress",
                                  "--device", "cpu"])
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "cold.json").read_text())
