@@ -498,7 +498,7 @@ def run_cold(args: argparse.Namespace, loadgen: ProcessPoolExecutor) -> dict[str
     user, item, _, _ = make_model(len(users), len(items), args.dim, args.seed)
     f = coldstart.features(data, users, items)
     melu = MeLU(f, MeLUConfig(), seed=args.seed)
-    melu_t, melu_meta = coldstart.save_tensors(melu, f)
+    melu_t, melu_meta = coldstart.save_tensors(melu)
     out: dict[str, Any] = {"n_items": len(items), "recent_items": 3, "http": []}
     with tempfile.TemporaryDirectory(prefix="smlrec-serving-cold-") as tmp:
         work = Path(tmp)

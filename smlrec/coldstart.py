@@ -111,11 +111,16 @@ def update_melu(melu: Any, history: list[PeriodData], d: PeriodData, n_items: in
     return {"melu_loss": float(out.get("loss", float("nan"))), "melu_tasks": len(flat)}
 
 
-def save_tensors(melu: Any, f: SideFeatures) -> tuple[dict[str, torch.Tensor], dict]:
-    """MeLU's state under ``melu.`` keys and its metadata (with the feature encoding)."""
+def save_tensors(melu: Any) -> tuple[dict[str, torch.Tensor], dict]:
+    """MeLU's state under ``melu.`` keys and its metadata (with its features' encoding)."""
     tensors, meta = melu.state()
     return ({PREFIX + k: v for k, v in tensors.items()},
-            {**meta, "codes": _codes(f)})
+            {**meta, "codes": _codes(melu.features)})
+
+
+def _own(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MeLU's tensors of a bundle, ``melu.`` taken off their keys."""
+    return {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
 
 
 def load(tensors: dict[str, torch.Tensor], meta: dict, data_root: str, users: Vocab,
@@ -128,26 +133,28 @@ def load(tensors: dict[str, torch.Tensor], meta: dict, data_root: str, users: Vo
     if not info:
         return None
     f = features(data_root, users, items, info["codes"])
-    own = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
-    return MeLU.from_state(own, info, f, device=device)
+    return MeLU.from_state(_own(tensors), info, f, device=device)
 
 
 # --------------------------------------------------------------------------- the gate
 
 
-def gate_cold(melu: Any, codes: dict, data_root: str, item_table: torch.Tensor,
-              prior_column: bool, prior: torch.Tensor, test: pd.DataFrame, users: Vocab,
-              items: Vocab, cfg: ColdConfig) -> dict:
-    """Score yesterday's MeLU, the mean-embedding path (``item_table``: the served model's
-    item rows, its last column the blend when ``prior_column``) and the floor (``prior``:
-    its item counts) on the period's new users (not in ``users``), support = their first
-    ``cfg.support`` known items, ranked over the known items. Returns the scores and the
-    cold path the service should take."""
+def gate_cold(tensors: dict[str, torch.Tensor], meta: dict, data_root: str,
+              item_table: torch.Tensor, prior_column: bool, prior: torch.Tensor,
+              test: pd.DataFrame, users: Vocab, items: Vocab, cfg: ColdConfig,
+              device: str = "cpu") -> dict:
+    """Score yesterday's MeLU (from the bundle's ``tensors`` and ``meta``, with the side
+    features of ``users`` and of the period's new users), the mean-embedding path
+    (``item_table``: the served model's item rows, its last column the blend when
+    ``prior_column``) and the floor (``prior``: its item counts) on the period's new users
+    (not in ``users``), support = their first ``cfg.support`` known items, ranked over the
+    known items. Returns the scores and the cold path the service should take."""
     from smlrec.schema import ITEM, TS, USER
 
     frame = test.sort_values(TS, kind="stable")
     ids = frame[USER].astype(str)
-    part, ids = frame[~ids.isin(set(users.ids))], ids[~ids.isin(set(users.ids))]
+    new = ~ids.isin(set(users.ids))
+    part, ids = frame[new], ids[new]
     n_items = len(items)
     if part.empty:
         return {"n_users": 0, "path": "recent_items", "reason": "no new users this period"}
@@ -162,7 +169,7 @@ def gate_cold(melu: Any, codes: dict, data_root: str, item_table: torch.Tensor,
         return {"n_users": 0, "path": "recent_items",
                 "reason": f"no new user with more than {cfg.support} known items"}
     excl = [t.support for t in tasks]
-    melu.set_features(features(data_root, ext, items, codes))  # the new users' profiles
+    melu = load(tensors, meta, data_root, ext, items, device)  # with the new users' profiles
     log_prior = torch.log1p(prior[:n_items].float().cpu())
     melu_scores = melu.score([t.user for t in tasks], excl, n_items).float().cpu()
     V = item_table[:n_items].float().cpu()
@@ -245,8 +252,7 @@ class ServedMeLU:
                          tensors[SERVE_PREFIX + "item"],
                          tuple(x.cardinality for x in ic.categorical),
                          tensors[SERVE_PREFIX + "item_multi"], uc, ic)
-        own = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
-        self.model = MeLU.from_state(own, info, f, device=device)
+        self.model = MeLU.from_state(_own(tensors), info, f, device=device)
         self.n_items = f.n_items
         self.profiles = {u: i for i, u in enumerate(Vocab.from_json(
             files[USERS_FILE].decode()).ids)}

@@ -350,12 +350,11 @@ def gate(data_root: str, store: StateStore, period_id: str, cfg: DailyConfig) ->
                     if prod_id != cand_id else None)
     cold = None
     if cfg.cold is not None and c_meta.get(coldstart.META_KEY):
-        melu = coldstart.load(c_tensors, c_meta, data_root, c_users, c_items, cfg.device)
         serve = result.strategy or result.best or names[0]
         info = (c_meta.get("challengers") or {}).get(serve, {})
-        cold = coldstart.gate_cold(melu, c_meta[coldstart.META_KEY]["codes"], data_root,
-                                   models[serve][0].item, bool(info.get("prior_column")),
-                                   prior, test, c_users, c_items, cfg.cold)
+        cold = coldstart.gate_cold(c_tensors, c_meta, data_root, models[serve][0].item,
+                                   bool(info.get("prior_column")), prior, test, c_users,
+                                   c_items, cfg.cold, cfg.device)
     result.extra = {"period": period_id, "candidate_period": cand_id,
                     "incumbent_period": prod_id, "incumbent_strategy": prod_strategy,
                     "vs_floor": intervals, "vs_incumbent": vs_incumbent,
@@ -470,7 +469,7 @@ def challengers_step(frame: pd.DataFrame, data_root: str, store: StateStore, per
         melu = coldstart.load(tensors, meta, data_root, users, items, cfg.device)
         history = _history(data_root, period_id, None, users, items)
         out["melu"] = coldstart.update_melu(melu, history, d, len(items), cfg.cold, cfg.seed)
-        melu_t, melu_meta = coldstart.save_tensors(melu, melu.features)
+        melu_t, melu_meta = coldstart.save_tensors(melu)
         other_t.update(melu_t)
         extra[coldstart.META_KEY] = melu_meta
     save_bundle(out_url, other_t, {"challengers": other_meta, "period_id": period_id,
@@ -576,7 +575,7 @@ def bootstrap(data_root: str, store: StateStore, cfg: DailyConfig, until: str) -
     if cfg.cold is not None:
         melu = coldstart.bootstrap_melu(data_root, data, sizes, users, items, cfg.cold, p,
                                         cfg.seed, cfg.device)
-        cold = coldstart.save_tensors(melu, melu.features)
+        cold = coldstart.save_tensors(melu)
     store.save_config(cfg.to_yaml())
     others = {k: v for k, v in strategies.items() if k != "sml"}
     save_candidate(store, periods[-1], sml, others, users, items, cfg, cold=cold,

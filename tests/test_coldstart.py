@@ -96,12 +96,11 @@ def test_auto_path_follows_the_scores(ran, stream):
     shutil.copytree(store.uri, copy.uri, dirs_exist_ok=True)
     cand = copy.get_pointer("candidate")
     tensors, meta, users, items = copy.load_period(cand)
-    melu = coldstart.load(tensors, meta, stream, users, items)
     served = tensors["serve.window.item"]
     test = read_period(stream, periods[6])
     prior = torch.ones(len(items))
-    out = coldstart.gate_cold(melu, meta["melu"]["codes"], stream, served, True, prior, test,
-                              users, items, COLD)
+    out = coldstart.gate_cold(tensors, meta, stream, served, True, prior, test, users, items,
+                              COLD)
     beats = (out["melu"]["ndcg@20"] > out["mean_emb"]["ndcg@20"]
              and out["melu"]["ndcg@20"] > out["popularity"]["ndcg@20"])
     assert out["path"] == ("melu" if beats else "recent_items")
