@@ -459,7 +459,7 @@ def per_seed(part: pd.DataFrame, metric: str) -> np.ndarray:
     return np.array([_weighted(g, metric) for _, g in part.groupby("seed", sort=True)])
 
 
-def _mean_sd(values: np.ndarray) -> tuple[float, float]:
+def mean_sd(values: np.ndarray) -> tuple[float, float]:
     ok = values[np.isfinite(values)]
     if not len(ok):
         return float("nan"), float("nan")
@@ -472,7 +472,7 @@ def select_configs(results: pd.DataFrame, metric: str = PRIMARY) -> dict[str, in
     chosen = {}
     val = results[results["phase"] == "val"]
     for method, part in val.groupby("method", sort=False):
-        scores = {cid: _mean_sd(per_seed(g, metric))[0] for cid, g in part.groupby("config")}
+        scores = {cid: mean_sd(per_seed(g, metric))[0] for cid, g in part.groupby("config")}
         chosen[method] = max(scores, key=lambda c: (np.nan_to_num(scores[c], nan=-1), -c))
     return chosen
 
@@ -484,7 +484,7 @@ def config_table(results: pd.DataFrame, metric: str = PRIMARY) -> dict[str, list
     for (method, cid), part in results.groupby(["method", "config"], sort=False):
         row = {"config": int(cid), "params": json.loads(part["params"].iloc[0])}
         for phase in ("val", "test"):
-            mean, sd = _mean_sd(per_seed(part[part["phase"] == phase], metric))
+            mean, sd = mean_sd(per_seed(part[part["phase"] == phase], metric))
             row[phase], row[f"{phase}_sd"] = mean, sd
         out.setdefault(method, []).append(row)
     return out
@@ -517,17 +517,17 @@ def summarize(run: Backtest | pd.DataFrame, chosen: dict[str, int], dataset: str
     for method, cid in chosen.items():
         part = results[(results["method"] == method) & (results["config"] == cid)]
         test, val = part[part["phase"] == "test"], part[part["phase"] == "val"]
-        ndcg, ndcg_sd = _mean_sd(per_seed(test, "ndcg@20"))
-        recall, recall_sd = _mean_sd(per_seed(test, "recall@20"))
-        val_ndcg, val_sd = _mean_sd(per_seed(val, "ndcg@20"))
+        ndcg, ndcg_sd = mean_sd(per_seed(test, "ndcg@20"))
+        recall, recall_sd = mean_sd(per_seed(test, "recall@20"))
+        val_ndcg, val_sd = mean_sd(per_seed(val, "ndcg@20"))
         params = _params(results, method, cid)
         entry = {
             "ndcg@20": ndcg, "ndcg@20_sd": ndcg_sd,
             "recall@20": recall, "recall@20_sd": recall_sd,
-            "auc": _mean_sd(per_seed(test, "auc"))[0] if "auc" in test else float("nan"),
-            "sampled_ndcg@20": _mean_sd(per_seed(test, "sampled_ndcg@20"))[0]
+            "auc": mean_sd(per_seed(test, "auc"))[0] if "auc" in test else float("nan"),
+            "sampled_ndcg@20": mean_sd(per_seed(test, "sampled_ndcg@20"))[0]
             if "sampled_ndcg@20" in test else float("nan"),
-            "sampled_recall@20": _mean_sd(per_seed(test, "sampled_recall@20"))[0]
+            "sampled_recall@20": mean_sd(per_seed(test, "sampled_recall@20"))[0]
             if "sampled_recall@20" in test else float("nan"),
             "val_ndcg@20": val_ndcg, "val_ndcg@20_sd": val_sd,
             "train_seconds_last_period": float(part.groupby("seed")["train_seconds"].last()

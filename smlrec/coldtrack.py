@@ -50,6 +50,7 @@ import torch
 from pydantic import Field
 
 from smlrec import metrics
+from smlrec.backtest import mean_sd, per_seed
 from smlrec.config import LossConfig, MethodSpec, MFConfig, _Config
 
 PRIMARY = "ndcg@20"
@@ -232,16 +233,15 @@ class _Models:
     melus: list
     towers: list
     selectors: list
-    features: Any
 
 
 def _prior(models: _Models, n_items: int) -> torch.Tensor:
     return models.floor.item_prior()[:n_items].float().cpu()
 
 
-def _base_scores(models: _Models, tasks: list[UserTask], cold: bool, history: dict,
-                 n_items: int, mi: int, ti: int) -> dict[str, torch.Tensor]:
-    """Raw scores (n_tasks, n_items) of each base model (grid points ``mi``, ``ti``)."""
+def _base_scores(models: _Models, tasks: list[UserTask], cold: bool, n_items: int
+                 ) -> dict[str, list[torch.Tensor]]:
+    """Raw scores (n_tasks, n_items) of each base model, one per grid point."""
     w = models.champion.weights(0.0)
     V = w.item[:n_items].float().cpu()
     users = np.array([t.user for t in tasks], dtype=np.int64)
@@ -250,29 +250,24 @@ def _base_scores(models: _Models, tasks: list[UserTask], cold: bool, history: di
         q = torch.stack([V[torch.as_tensor(s, dtype=torch.long)].mean(0) for s in supports])
     else:
         q = w.user[torch.as_tensor(users)].float().cpu()
-    tower = models.towers[ti]
-    tv = tower.user_vectors(users, supports).float().cpu()
-    out = {
-        "mf": q @ V.T,
-        "two_tower": tv @ tower.item_table(n_items).float().cpu().T,
-        "melu": models.melus[mi].score(users, supports, n_items).float().cpu(),
-        "pop": torch.log1p(_prior(models, n_items)).expand(len(tasks), n_items),
+    return {
+        "mf": [q @ V.T],
+        "two_tower": [tower.user_vectors(users, supports).float().cpu()
+                      @ tower.item_table(n_items).float().cpu().T for tower in models.towers],
+        "melu": [m.score(users, supports, n_items).float().cpu() for m in models.melus],
+        "pop": [torch.log1p(_prior(models, n_items)).expand(len(tasks), n_items)],
     }
-    return out
 
 
 def _score_track(models: _Models, tasks: list[UserTask], exclude: list[np.ndarray], cold: bool,
-                 history: dict, n_items: int, blends: tuple[float, ...], key: dict,
-                 rows: list[dict], per_user: dict, want_per_user: bool
-                 ) -> dict[str, torch.Tensor] | None:
+                 n_items: int, blends: tuple[float, ...], key: dict, rows: list[dict],
+                 per_user: dict, want_per_user: bool) -> dict[str, torch.Tensor] | None:
     """Score every model variant on one group of tasks; append rows; return the raw base
     scores of grid point 0 (what the selector is trained on)."""
     if not tasks:
         return None
-    prior = torch.log1p(_prior(models, n_items))
-    base0 = None
 
-    def record(model: str, variant: dict, scores: torch.Tensor) -> dict:
+    def record(model: str, variant: dict, scores: torch.Tensor) -> None:
         m = task_metrics(scores, tasks, exclude)
         pu = m.pop("per_user")
         vkey = json.dumps(variant, sort_keys=True)
@@ -281,24 +276,15 @@ def _score_track(models: _Models, tasks: list[UserTask], exclude: list[np.ndarra
             per_user[(key["seed"], key["track"], model, vkey, key["t"])] = {
                 "ndcg@20": pu["ndcg@20"].astype(np.float32),
                 "recall@20": pu["recall@20"].astype(np.float32)}
-        return pu
 
-    for mi in range(len(models.melus)):
-        for ti in range(len(models.towers)):
-            if mi and ti:
-                continue  # grid points are varied one model at a time
-            base = _base_scores(models, tasks, cold, history, n_items, mi, ti)
-            if mi == 0 and ti == 0:
-                base0 = base
-            for name in ("mf", "two_tower", "melu"):
-                if (name == "melu" and ti) or (name == "two_tower" and mi) or (
-                        name == "mf" and (mi or ti)):
-                    continue
-                for lam in blends:
-                    grid = {"melu": mi, "two_tower": ti}.get(name, 0)
-                    record(name, {"config": grid, "blend": lam}, base[name] + lam * prior)
-    record("pop", {}, base0["pop"])
-    return base0
+    grids = _base_scores(models, tasks, cold, n_items)
+    log_prior = grids["pop"][0]
+    for name in ("mf", "two_tower", "melu"):
+        for g, scores in enumerate(grids[name]):
+            for lam in blends:
+                record(name, {"config": g, "blend": lam}, scores + lam * log_prior)
+    record("pop", {}, log_prior)
+    return {name: grid[0] for name, grid in grids.items()}
 
 
 def _selector_and_oracle(models: _Models, base: dict[str, torch.Tensor], tasks: list[UserTask],
@@ -380,7 +366,7 @@ def run_seed(data: Any, features: Any, split: Any, cfg: ColdTrackConfig, seed: i
     champion.start(w0)
     floor.start(w0)
     melus, towers, selectors = _build(cfg, features, seed)
-    models = _Models(champion, floor, melus, towers, selectors, features)
+    models = _Models(champion, floor, melus, towers, selectors)
     rng = np.random.default_rng([seed, 7])
     history: dict[int, np.ndarray] = {}
     by_period: list[list[UserTask]] = []
@@ -414,7 +400,7 @@ def run_seed(data: Any, features: Any, split: Any, cfg: ColdTrackConfig, seed: i
                 excl = [t_.support for t_ in tasks]
                 key = {"seed": seed, "track": f"cold@{n_s}", "t": t, "period": d.period,
                        "phase": phase}
-                base = _score_track(models, tasks, excl, True, history, ni, cfg.blends, key,
+                base = _score_track(models, tasks, excl, True, ni, cfg.blends, key,
                                     rows, per_user, want)
                 if base is not None:
                     _selector_and_oracle(models, base, tasks, excl, ni, key, rows, per_user,
@@ -427,7 +413,7 @@ def run_seed(data: Any, features: Any, split: Any, cfg: ColdTrackConfig, seed: i
             excl = [history[t_.user][history[t_.user] < ni] for t_ in tasks]
             key = {"seed": seed, "track": "returning", "t": t, "period": d.period,
                    "phase": phase}
-            base = _score_track(models, tasks, excl, False, history, ni, cfg.blends, key, rows,
+            base = _score_track(models, tasks, excl, False, ni, cfg.blends, key, rows,
                                 per_user, want)
             if base is not None:
                 _selector_and_oracle(models, base, tasks, excl, ni, key, rows, per_user, want)
@@ -510,30 +496,12 @@ def _in_workers(data: Any, features: Any, split: Any, cfg: ColdTrackConfig,
 # ----------------------------------------------------------------------------- summary
 
 
-def _weighted(part: pd.DataFrame, metric: str) -> float:
-    w = part["n_interactions"].to_numpy(float)
-    v = part[metric].to_numpy(float)
-    ok = (w > 0) & np.isfinite(v)
-    return float((w[ok] * v[ok]).sum() / w[ok].sum()) if ok.any() else math.nan
-
-
-def _per_seed(part: pd.DataFrame, metric: str = PRIMARY) -> np.ndarray:
-    return np.array([_weighted(g, metric) for _, g in part.groupby("seed")])
-
-
-def _mean_sd(x: np.ndarray) -> tuple[float, float]:
-    x = x[np.isfinite(x)]
-    if len(x) == 0:
-        return math.nan, math.nan
-    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
-
-
 def choose(results: pd.DataFrame, track: str) -> dict[str, str]:
     """Each model's variant with the best validation NDCG@20 (mean over seeds) on ``track``."""
     part = results[(results["track"] == track) & (results["phase"] == "val")]
     out = {}
     for model, g in part.groupby("model"):
-        scores = {v: np.nanmean(_per_seed(gv)) for v, gv in g.groupby("variant")}
+        scores = {v: np.nanmean(per_seed(gv, PRIMARY)) for v, gv in g.groupby("variant")}
         out[str(model)] = max(scores, key=lambda v: (scores[v], v))
     return out
 
@@ -542,9 +510,9 @@ def _entry(results: pd.DataFrame, track: str, model: str, variant: str) -> dict:
     part = results[(results["track"] == track) & (results["model"] == model)
                    & (results["variant"] == variant)]
     test, val = part[part["phase"] == "test"], part[part["phase"] == "val"]
-    ndcg, sd = _mean_sd(_per_seed(test))
-    rec, rsd = _mean_sd(_per_seed(test, "recall@20"))
-    vn, vsd = _mean_sd(_per_seed(val))
+    ndcg, sd = mean_sd(per_seed(test, PRIMARY))
+    rec, rsd = mean_sd(per_seed(test, "recall@20"))
+    vn, vsd = mean_sd(per_seed(val, PRIMARY))
     first = test[test["seed"] == test["seed"].min()] if len(test) else test
     out = {"ndcg@20": ndcg, "ndcg@20_sd": sd, "recall@20": rec, "recall@20_sd": rsd,
            "val_ndcg@20": vn, "val_ndcg@20_sd": vsd, "variant": json.loads(variant),
