@@ -42,6 +42,7 @@ import asyncio
 import gc
 import logging
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import bentoml
@@ -405,30 +406,28 @@ Recommender.add_asgi_middleware(BodyLimit, max_bytes=CONFIG.max_body_bytes)
 Recommender.add_asgi_middleware(ApiFront)
 
 
+def _by_model(jobs: Sequence[tuple], run: Callable[[Any, list[tuple]], Sequence[Any]]
+              ) -> list[Any]:
+    """``run(model, its jobs)`` once per model among the jobs (production and candidate
+    may mix in a batch); the answers in the jobs' order."""
+    out: list[Any] = [None] * len(jobs)
+    groups: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(id(job[0]), []).append(i)
+    for idx in groups.values():
+        answers = run(jobs[idx[0]][0], [jobs[i] for i in idx])
+        for i, answer in zip(idx, answers, strict=True):
+            out[i] = answer
+    return out
+
+
 def _melu_batch(jobs: list[tuple[ServedModel, str, list[int]]]) -> list[torch.Tensor]:
     """MeLU's adaptation for the batch's new users, one call per model."""
-    out: list[torch.Tensor | None] = [None] * len(jobs)
-    groups: dict[int, list[int]] = {}
-    for i, (model, *_rest) in enumerate(jobs):
-        groups.setdefault(id(model), []).append(i)
-    for idx in groups.values():
-        model = jobs[idx[0]][0]
-        scores = model.melu_scores([jobs[i][1] for i in idx], [jobs[i][2] for i in idx])
-        for j, i in enumerate(idx):
-            out[i] = scores[j]
-    return out  # type: ignore[return-value]
+    return _by_model(jobs, lambda model, js: model.melu_scores([j[1] for j in js],
+                                                               [j[2] for j in js]))
 
 
 def _rank_batch(jobs: list[tuple[ServedModel, torch.Tensor, int, list[int]]]) -> list[TopK]:
     """One batched top-k per model among the jobs (production and candidate may mix)."""
-    out: list[TopK | None] = [None] * len(jobs)
-    groups: dict[int, list[int]] = {}
-    for i, (model, *_rest) in enumerate(jobs):
-        groups.setdefault(id(model), []).append(i)
-    for idx in groups.values():
-        model = jobs[idx[0]][0]
-        queries = torch.stack([jobs[i][1] for i in idx])
-        answers = model.topk(queries, [jobs[i][2] for i in idx], [jobs[i][3] for i in idx])
-        for i, answer in zip(idx, answers, strict=True):
-            out[i] = answer
-    return out  # type: ignore[return-value]
+    return _by_model(jobs, lambda model, js: model.topk(torch.stack([j[1] for j in js]),
+                                                        [j[2] for j in js], [j[3] for j in js]))
