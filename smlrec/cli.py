@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from smlrec.data.cli import app as data_app
 from smlrec.data.cli import reports_errors
+
+if TYPE_CHECKING:
+    from smlrec.backtest import Split
 
 app = typer.Typer(
     rich_markup_mode="markdown",  # docstrings wrap: one paragraph per blank line
@@ -29,6 +32,17 @@ def _setup() -> None:
     from smlrec.device import configure_threads
 
     configure_threads()
+
+
+def _split(text: str) -> Split:
+    """``--split pretrain,meta,val,test`` as a ``Split``."""
+    from smlrec.backtest import Split
+
+    parts = [int(x) for x in text.split(",")]
+    if len(parts) != 4:
+        raise typer.BadParameter("give four numbers: pretrain,meta,val,test",
+                                 param_hint="--split")
+    return Split(**dict(zip(("pretrain", "meta", "val", "test"), parts, strict=True)))
 
 
 @app.command()
@@ -113,12 +127,7 @@ def backtest(
                                  f"{', '.join(bt.DEFAULT_GRIDS)}", param_hint="--methods")
     cfg_kw = {}
     if split:
-        parts = [int(x) for x in split.split(",")]
-        if len(parts) != 4:
-            raise typer.BadParameter("give four numbers: pretrain,meta,val,test",
-                                     param_hint="--split")
-        cfg_kw["split"] = bt.Split(**dict(zip(("pretrain", "meta", "val", "test"), parts,
-                                              strict=True)))
+        cfg_kw["split"] = _split(split)
     if grid:
         cfg_kw["grids"] = json.loads(grid.read_text())
     try:
@@ -193,7 +202,7 @@ def cold_track(
     blends are chosen on the validation periods; the test periods are reported with paired
     bootstrap intervals."""
     from smlrec import coldtrack as ct
-    from smlrec.backtest import Split, _jsonable, auto_jobs
+    from smlrec.backtest import _jsonable, auto_jobs
     from smlrec.config import DailyConfig
     from smlrec.data import default_data_root
     from smlrec.data.store import read_dataset_info, read_periods
@@ -218,10 +227,7 @@ def cold_track(
     seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
     cfg = ct.ColdTrackConfig(seeds=seed_list, device=str(pick_device(device)),
                              progress=progress, **kw)
-    sp = None
-    if split:
-        parts = [int(x) for x in split.split(",")]
-        sp = Split(**dict(zip(("pretrain", "meta", "val", "test"), parts, strict=True)))
+    sp = _split(split) if split else None
     run = ct.run_cold_track(read_periods(root), users, items, cfg, sp, log=typer.echo,
                             jobs=auto_jobs(len(seed_list), cfg.device))
     summary = ct.summarize_cold(run, cfg.primary_support)
