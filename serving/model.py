@@ -170,12 +170,7 @@ class ServedModel:
     @staticmethod
     def top_of(scores: torch.Tensor, k: int, exclude: Sequence[int] = ()) -> TopK:
         """The ``k`` best items of one score vector, ``exclude`` left out."""
-        scores = scores.clone()
-        if exclude:
-            scores[torch.as_tensor(list(exclude), dtype=torch.long)] = float("-inf")
-        values, index = torch.topk(scores, min(k, len(scores)))
-        keep = values != float("-inf")
-        return TopK(index[keep].tolist(), values[keep].tolist())
+        return _top(scores.clone().unsqueeze(0), [k], [exclude])[0]
 
     @torch.inference_mode()
     def topk(self, queries: torch.Tensor, ks: Sequence[int],
@@ -186,20 +181,7 @@ class ServedModel:
         Fewer than k items come back only when the catalogue (minus exclusions) is smaller.
         """
         queries = queries.to(self.device, torch.float32).reshape(-1, self.dim)
-        scores = queries @ self.item.T  # (B, n_items)
-        rows_ex = [i for i, ex in enumerate(exclude) for _ in ex]
-        cols_ex = [c for ex in exclude for c in ex]
-        if cols_ex:
-            scores[torch.as_tensor(rows_ex, device=self.device),
-                   torch.as_tensor(cols_ex, device=self.device)] = float("-inf")
-        kmax = min(max(ks), self.n_items)
-        values, index = torch.topk(scores, kmax, dim=1)
-        values, index = values.cpu().tolist(), index.cpu().tolist()
-        out = []
-        for i, k in enumerate(ks):
-            keep = [j for j in range(min(k, kmax)) if values[i][j] != float("-inf")]
-            out.append(TopK([index[i][j] for j in keep], [values[i][j] for j in keep]))
-        return out
+        return _top(queries @ self.item.T, ks, exclude)
 
     @torch.inference_mode()
     def score(self, query: torch.Tensor, item_rows: Sequence[int]) -> list[float]:
@@ -233,3 +215,22 @@ class ServedModel:
                 "n_items": self.n_items, "dim": self.dim, "device": str(self.device),
                 "cold_path": "melu" if self.melu is not None else "mean embedding of recent "
                 "items"}
+
+
+def _top(scores: torch.Tensor, ks: Sequence[int], exclude: Sequence[Sequence[int]]
+         ) -> list[TopK]:
+    """Top-``ks[i]`` of each row of ``scores`` (B, n_items; changed in place), the items of
+    ``exclude[i]`` left out; fewer than k only when the row has fewer scorable items."""
+    rows_ex = [i for i, ex in enumerate(exclude) for _ in ex]
+    cols_ex = [c for ex in exclude for c in ex]
+    if cols_ex:
+        scores[torch.as_tensor(rows_ex, device=scores.device),
+               torch.as_tensor(cols_ex, device=scores.device)] = float("-inf")
+    kmax = min(max(ks), scores.shape[1])
+    values, index = torch.topk(scores, kmax, dim=1)
+    values, index = values.cpu().tolist(), index.cpu().tolist()
+    out = []
+    for i, k in enumerate(ks):
+        keep = [j for j in range(min(k, kmax)) if values[i][j] != float("-inf")]
+        out.append(TopK([index[i][j] for j in keep], [values[i][j] for j in keep]))
+    return out
