@@ -162,13 +162,21 @@ def returning_tasks(users: np.ndarray, items: np.ndarray, history: dict[int, np.
     for u, its in sorted(_by_user(users, items).items()):
         if u >= n_users_before or u not in history:
             continue
-        past = history[u]
-        known = _distinct(its[its < n_items_before])
-        query = known[~np.isin(known, past)]
-        if len(query):
-            recent_items = _distinct(past[::-1])[:recent][::-1]
-            out.append(UserTask(u, recent_items, query))
+        task = _returning(u, its[its < n_items_before], history[u], recent)
+        if task is not None:
+            out.append(task)
     return out
+
+
+def _returning(user: int, items: np.ndarray, past: np.ndarray, recent: int
+               ) -> UserTask | None:
+    """A returning user's task: query = ``items`` not in ``past`` (distinct), support =
+    the ``recent`` most recent distinct items of ``past``; None with nothing new."""
+    query = _distinct(items)
+    query = query[~np.isin(query, past)]
+    if not len(query):
+        return None
+    return UserTask(user, _distinct(past[::-1])[:recent][::-1], query)
 
 
 def training_tasks(users: np.ndarray, items: np.ndarray, history: dict[int, np.ndarray],
@@ -186,11 +194,8 @@ def training_tasks(users: np.ndarray, items: np.ndarray, history: dict[int, np.n
                 continue
             s = int(rng.integers(1, min(max_support, len(distinct) - 1) + 1))
             out.append(UserTask(u, distinct[:s], distinct[s:]))
-        else:
-            query = _distinct(its)
-            query = query[~np.isin(query, past)]
-            if len(query):
-                out.append(UserTask(u, _distinct(past[::-1])[:recent][::-1], query))
+        elif (task := _returning(u, its, past, recent)) is not None:
+            out.append(task)
     return out
 
 
