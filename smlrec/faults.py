@@ -36,6 +36,8 @@ POINTS = {
     "package.inside": "inside BentoML packaging, after the bundle is written, before the "
     "model is committed to the store",
     "step.after": "after a pipeline step returned (a step boundary)",
+    "feedback.write": "before a group of feedback events is appended to the log (nothing of "
+    "it acknowledged yet)",
 }
 
 _ERRORS = {"enospc": errno.ENOSPC, "erofs": errno.EROFS, "eio": errno.EIO}

@@ -31,6 +31,7 @@ from smlrec.data.store import (
     write_interactions,
 )
 from smlrec.errors import DataError
+from smlrec.feedback import is_log_folder, read_log
 from smlrec.schema import ITEM, PERIOD, RATING, TS, USER
 
 TEXT_SEPARATORS = {".csv": ",", ".tsv": "\t", ".inter": "\t"}
@@ -168,9 +169,12 @@ def read_table(path: str, *, sep: str | None = None, fmt: str | None = None,
     as ``::``, are taken literally) and lets any other suffix (``.dat``, ``.txt``) be read as
     text; ``header=False`` names the columns by position (``0``, ``1``...). Text columns are
     all read as strings (Arrow-backed with ``arrow_strings``, where the fast reader reads
-    the file); :func:`normalize` converts them.
+    the file); :func:`normalize` converts them. A folder of the API's feedback log
+    (:mod:`smlrec.feedback`: one period's ``period=<id>`` folder, or its root) is read whole.
     """
     path = str(path)
+    if fmt is None and is_log_folder(path):
+        return read_log(path)
     suffix = _suffix(path)
     if fmt is not None and fmt not in FORMATS:
         raise DataError(path, f"unknown --format {fmt!r}: choose from {', '.join(FORMATS)}")
@@ -376,8 +380,9 @@ def normalize(
       ``time_col`` may name several columns (a list, or comma-separated): year, month, day
       and optionally hour, minute, second, in that order;
     - if the rating column exists, rows with ``rating < min_rating`` are dropped (all kept if
-      ``min_rating`` is None). ``rating_col=None`` ignores ratings; the default ``"rating"`` is
-      optional, any other name must exist;
+      ``min_rating`` is None); rows without a rating are implicit positives and stay.
+      ``rating_col=None`` ignores ratings; the default ``"rating"`` is optional, any other
+      name must exist;
     - exact duplicate rows are dropped; rows are sorted by time (then user, item);
     - the ``period`` column is added for the period spec ``period``.
 
@@ -434,8 +439,9 @@ def normalize(
 
 
 def _keep_positives(df: pd.DataFrame, min_rating: float, source: str) -> pd.DataFrame:
-    """Keep the rows with ``rating >= min_rating`` (error if none are left)."""
-    kept = df[df[RATING] >= min_rating]
+    """Keep the rows with ``rating >= min_rating`` and the unrated ones (a missing rating is
+    an implicit positive: a click or a play; error if none are left)."""
+    kept = df[(df[RATING] >= min_rating) | df[RATING].isna()]
     if kept.empty:
         seen = df[RATING].dropna()
         span = f" (ratings range {seen.min():g} to {seen.max():g})" if len(seen) else ""

@@ -212,11 +212,17 @@ def read_side_table(root: str, name: str) -> pd.DataFrame:
 
 
 def file_sha256(url: str) -> str:
-    """Return the hex sha256 of a file at a local path or fsspec URL."""
+    """Return the hex sha256 of a file at a local path or fsspec URL; of a folder (a
+    feedback log's), the sha256 of its files' names and contents in name order."""
     digest = hashlib.sha256()
-    with fsspec.open(str(url), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    fs, path = _fs(url)
+    files = sorted(fs.find(path)) if fs.isdir(path) else [path]
+    for name in files:
+        if len(files) > 1 or name != path:
+            digest.update(name[len(path):].encode() + b"\0")
+        with fs.open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
