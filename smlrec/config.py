@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Config(BaseModel):
@@ -128,6 +128,27 @@ class ColdConfig(_Config):
                         "is their this many most recent items.")
 
 
+class FreshnessConfig(_Config):
+    """What the API does between daily runs with each feedback event (``serving/fresh.py``),
+    chosen on validation periods by the freshness benchmark's prequential replay."""
+
+    user_update: dict[str, Any] = Field(
+        default_factory=dict, description="smlrec.online.UserUpdate fields: how an event "
+        "moves its user's embedding (packaged with the model; the API's SMLREC_USER_UPDATE "
+        "overrides).")
+    ftrl: dict[str, Any] = Field(
+        default_factory=dict, description="The FTRL reranker's settings as measured (the "
+        "replay's; not served yet).")
+    chosen_on: str = Field("", description="Provenance, for people.")
+
+    @field_validator("user_update")
+    @classmethod
+    def _rule(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from smlrec.online import UserUpdate
+
+        return UserUpdate.model_validate(value).model_dump()
+
+
 class DailyConfig(_Config):
     """What the daily run trains and how it decides: one file per dataset
     (``configs/<dataset>.yaml``), written by the backtest's selection on validation periods
@@ -154,6 +175,9 @@ class DailyConfig(_Config):
                                     "gated and packaged beside the challengers; none: "
                                     "users the model does not know get the mean embedding "
                                     "of their recent items.")
+    freshness: FreshnessConfig | None = Field(
+        None, description="Per-event user updates in the API between daily runs; none: the "
+        "built-in default rule.")
     tolerance: float = Field(0.05, ge=0, lt=1, description="Gate: a challenger may be this "
                              "much (relative) below the incumbent's NDCG@20 and still promote.")
     incumbent_test: Literal["bootstrap", "point"] = Field(
