@@ -34,7 +34,8 @@ run: setup
 	  --config configs/ml-100k.yaml --out runs/report.html
 
 ## The prediction API on 127.0.0.1:3000 (docs at /docs), serving what `make run` packaged
-## into runs/bentoml, with the Feast online store it filled. Override BENTOML_HOME,
+## into runs/bentoml, with the Feast online store it filled. POST /feedback logs events under
+## data/ml-100k/feedback/ (the next run's input). Override BENTOML_HOME, SMLREC_DATA_URI,
 ## SMLREC_MODEL_SOURCE (e.g. runs/state), SMLREC_CANARY_SHARE... (see serving/service.py).
 SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 3000
@@ -42,6 +43,7 @@ serve: setup
 	BENTOML_HOME=$${BENTOML_HOME:-$(CURDIR)/runs/bentoml} \
 	SMLREC_FEATURE_REPO=$${SMLREC_FEATURE_REPO:-$(CURDIR)/feature_repo} \
 	SMLREC_FEATURE_DATA=$${SMLREC_FEATURE_DATA:-$(CURDIR)/runs/state/features} \
+	SMLREC_DATA_URI=$${SMLREC_DATA_URI:-$(CURDIR)/data/ml-100k} \
 	$(VENV)/bin/bentoml serve serving.service:Recommender --host $(SERVE_HOST) --port $(SERVE_PORT)
 
 ## A Bento of the prediction API (offline: requirements from pyproject.toml, no locking).
@@ -89,12 +91,16 @@ reliability: setup
 
 ## Benchmarks (figures saved under benchmarks/results/): the backtest (three seeds; it also
 ## rewrites configs/<dataset>.yaml from its validation choices), the cold-start track (adds
-## the cold-start model chosen on validation to those files), one daily run, serving.
+## the cold-start model chosen on validation to those files), the freshness replay (adds the
+## per-event user update chosen on validation to configs/ml-100k.yaml), one daily run, serving,
+## POST /feedback under load.
 bench: setup
 	$(PY) -m benchmarks.backtest --no-progress
 	$(PY) -m benchmarks.cold_start --no-progress
+	$(PY) -m benchmarks.freshness --no-progress
 	$(PY) -m benchmarks.daily_run
 	$(PY) -m benchmarks.serving
+	$(PY) -m benchmarks.feedback
 
 ## The API for 60 s at the highest load this machine sustains, with a hot swap half-way
 ## (benchmarks/results/soak.json and the load_* figures of reliability.json).

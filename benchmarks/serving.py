@@ -187,6 +187,9 @@ class Server:
             env.pop("SMLREC_FEATURE_REPO", None)  # no Feast: the model's own path only
         self.env = {**env, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true",
                     "SMLREC_WORKERS": str(workers)}
+        if not (self.env.get("SMLREC_FEEDBACK_LOG") or self.env.get("SMLREC_DATA_URI")):
+            # /feedback's log beside the BentoML home, never in the working directory
+            self.env["SMLREC_FEEDBACK_LOG"] = str(Path(bentoml_home).parent / "feedback")
         exe = Path(sys.executable).with_name("bentoml")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "bentoml"]
         self.cmd = [*cmd, "serve", "serving.service:Recommender", "--host", "127.0.0.1",
@@ -268,8 +271,13 @@ class Server:
 
 def run_load(url: str, user_ids: list[str], concurrency: int, duration: float,
              warmup: float, k: int, server_pid: int, single_worker: bool, seed: int,
-             client: str, recent_pool: list[str] | None = None) -> dict[str, Any]:
-    """Closed-loop load (runs in the load-generator process); returns the measured figures."""
+             client: str, recent_pool: list[str] | None = None, feedback: int = 0,
+             rate: float = 0.0) -> dict[str, Any]:
+    """Closed-loop load (runs in the load-generator process); returns the measured figures.
+    ``feedback`` > 0: ``POST /feedback`` with that many events per request (items from
+    ``recent_pool``) instead of /recommend. ``rate`` > 0: requests paced to that many per
+    second in all (each loop waits for its next slot; open loop while the service keeps
+    up) instead of as fast as answers come."""
     try:
         import uvloop
 
@@ -278,7 +286,7 @@ def run_load(url: str, user_ids: list[str], concurrency: int, duration: float,
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
         out = runner.run(_load(url, user_ids, concurrency, duration, warmup, k, server_pid,
-                               single_worker, seed, client, recent_pool))
+                               single_worker, seed, client, recent_pool, feedback, rate))
     out["client"] = f"{client} on {'uvloop' if factory else 'asyncio'}"
     return out
 
@@ -334,8 +342,8 @@ def _cpu_seconds(procs: list[Any]) -> float:
 
 async def _load(url: str, user_ids: list[str], concurrency: int, duration: float,
                 warmup: float, k: int, server_pid: int, single_worker: bool,
-                seed: int, client: str, recent_pool: list[str] | None = None
-                ) -> dict[str, Any]:
+                seed: int, client: str, recent_pool: list[str] | None = None,
+                feedback: int = 0, rate: float = 0.0) -> dict[str, Any]:
     import psutil
 
     done: list[tuple[float, float, str]] = []  # (start, end, "200" or what went wrong)
@@ -343,13 +351,23 @@ async def _load(url: str, user_ids: list[str], concurrency: int, duration: float
 
     async def loop(post: Post, i: int) -> None:
         rng = random.Random(seed * 1000 + i)
+        gap, slot = concurrency / rate if rate else 0.0, time.perf_counter() + i / (rate or 1)
         while not stop.is_set():
-            body = {"user_id": rng.choice(user_ids), "k": k, "exclude_seen": False}
-            if recent_pool:  # a user the model does not know, with a few recent items
+            if gap:
+                slot += gap
+                await asyncio.sleep(max(0.0, slot - time.perf_counter()))
+            route, body = "/recommend", {"user_id": rng.choice(user_ids), "k": k,
+                                         "exclude_seen": False}
+            if feedback and recent_pool:
+                now = time.time()
+                route, body = "/feedback", {"events": [
+                    {"user_id": rng.choice(user_ids), "item_id": rng.choice(recent_pool),
+                     "timestamp": now} for _ in range(feedback)]}
+            elif recent_pool:  # a user the model does not know, with a few recent items
                 body["user_id"] = f"new-{i}-{len(done)}"
                 body["recent_items"] = rng.sample(recent_pool, 3)
             t0 = time.perf_counter()
-            outcome, _ = await post("/recommend", body)
+            outcome, _ = await post(route, body)
             done.append((t0, time.perf_counter(), outcome))
 
     async def batching(post: Post) -> dict[str, Any]:
@@ -381,6 +399,8 @@ async def _load(url: str, user_ids: list[str], concurrency: int, duration: float
     mean_batch = d_req / d_batches if single_worker and d_batches > 0 else None
     return {"concurrency": concurrency, "seconds": seconds, "requests": len(window),
             "ok": len(ok), "requests_per_s": len(ok) / seconds,
+            **({"events_per_request": feedback, "events_per_s": feedback * len(ok) / seconds}
+               if feedback else {}),
             "latency_ms": _pcts(ok), "errors": sum(errors.values()),
             "error_kinds": dict(errors.most_common(5)),
             "errors_in_warmup_or_tail": sum(1 for _, _, o in done if o != "200")

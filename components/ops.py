@@ -38,7 +38,8 @@ def validate_op(period: str, data_uri: str, input_file: str, period_spec: str,
     Args:
         period: The period to validate (YYYY-MM-DD, its first day).
         data_uri: The period-partitioned interaction store.
-        input_file: The period's raw file (CSV or Parquet); empty: the stored period.
+        input_file: The period's raw file (CSV, Parquet, JSON lines) or the API's feedback log
+            of the period (``<data>/feedback/period=<id>``); empty: the stored period.
         period_spec: Period length, e.g. 1D or 7D.
         min_rows: Fewest rows the period may have.
         max_rows: Most rows the period may have.

@@ -48,7 +48,7 @@ def package(state_uri: str, stage: str = "production", decided_in: str | None = 
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     import bentoml
 
-    from smlrec.daily import serving_choice
+    from smlrec.daily import load_config, serving_choice
     from smlrec.registry import served_keys
 
     name = NAMES[stage]
@@ -81,13 +81,15 @@ def package(state_uri: str, stage: str = "production", decided_in: str | None = 
     cold_t, cold_meta, cold_files = cold_parts(store, tensors, meta, data_uri, items, period,
                                                decided_in)
     metadata["cold_path"] = cold_meta.get("cold_path", "")
+    fresh = load_config(store).freshness
     with bentoml.models.create(name, labels={"stage": stage, "period": period,
                                              "strategy": strategy},
                                metadata=metadata) as model:
         save_bundle(model.path_of("bundle"),
                     {"user": tensors[ukey], "item": tensors[ikey], **cold_t},
                     {"period": period, "stage": stage, "strategy": strategy,
-                     "prior_column": prior_column, "gate": scores, **cold_meta},
+                     "prior_column": prior_column, "gate": scores, **cold_meta,
+                     **({"freshness": fresh.model_dump()} if fresh else {})},
                     {"vocab_users.json": users.to_json().encode(),
                      "vocab_items.json": items.to_json().encode(),
                      "popular.json": json.dumps(popular).encode(), **cold_files})

@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
-from feast.types import Float64, Int64, String, UnixTimestamp
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.types import Array, Float32, Float64, Int64, String, UnixTimestamp
 
 FEATURE_DATA = os.environ.get("SMLREC_FEATURE_DATA", "data").rstrip("/")
 """Folder or URL of the Parquet sources (``$SMLREC_FEATURE_DATA``, default ``data``)."""
@@ -90,6 +90,13 @@ item_popularity_source = _source(
 top_items_source = _source("top_items", "Per-period list of the most popular items.")
 user_side_source = _source("user_side", "User demographics (MovieLens users side table).")
 item_side_source = _source("item_side", "Item metadata (MovieLens items side table).")
+user_fresh_push = PushSource(
+    name="user_fresh_push",
+    batch_source=_source("user_fresh", "Per-event user states (not written offline: the "
+                         "events themselves become the next period's data)."),
+    description="The API pushes a user's state here after each feedback event "
+    "(FeatureStore.push, to the online store).",
+)
 
 # Feature views ------------------------------------------------------------------------------
 
@@ -203,6 +210,30 @@ item_side = FeatureView(
     source=item_side_source,
     online=True,
     tags={"grain": "static"},
+)
+
+user_fresh = FeatureView(
+    name="user_fresh",
+    description=(
+        "A user's state updated per feedback event by the API, between daily runs: the "
+        "embedding updated from the events (valid for one model version only) and the recent "
+        "items including the events. Written by the push source, read by every API worker."
+    ),
+    entities=[user],
+    ttl=PERIOD_TTL,
+    schema=[
+        Field(name="user_id", dtype=String),
+        Field(name="embedding", dtype=Array(Float32),
+              description="The user's vector after the events, in the model's space."),
+        Field(name="model_version", dtype=String,
+              description="The served model version the embedding belongs to."),
+        Field(name="recent_items", dtype=String,
+              description="Comma-separated item ids, newest first, the events included."),
+        Field(name="events", dtype=Int64, description="Events applied since the daily row."),
+    ],
+    source=user_fresh_push,
+    online=True,
+    tags={"grain": "event"},
 )
 
 # Feature services: one pair per model version -------------------------------------------------

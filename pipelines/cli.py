@@ -70,7 +70,8 @@ def run(period: Annotated[str, typer.Option(help="Period to process, YYYY-MM-DD 
                                              "day).")],
         data_uri: DataOpt = "data/ml-100k", state_uri: StateOpt = "runs/state",
         input_file: Annotated[str, typer.Option(
-            help="Raw file of the period to validate and import (default: the stored one).")]
+            help="Raw file of the period to validate and import, or the API's feedback log "
+            "folder of the period (<data>/feedback/period=<id>); default: the stored one.")]
         = "",
         period_spec: PeriodOpt = "", tolerance: ToleranceOpt = -1.0,
         bentoml_home: BentoOpt = "runs/bentoml",

@@ -92,8 +92,9 @@ def build_daily_pipeline(for_cluster: bool = True):
                 the period that closed before the run's scheduled time (recurring runs).
             data_uri: The period-partitioned interaction store (folder or s3:// / gs:// URI).
             state_uri: The state store (models, pointers, decisions, run configuration).
-            input_file: The period's raw file (CSV or Parquet) to validate and import; empty to
-                validate the period already in the data store.
+            input_file: The period's raw file (CSV, Parquet, JSON lines) or the API's feedback
+                log of the period (<data>/feedback/period=<id>) to validate and import; empty
+                to validate the period already in the data store.
             period_spec: Period length, e.g. 1D (daily) or 7D (weekly).
             feature_repo: The Feast repository folder.
             feature_data: Where Feast's offline Parquet sources, registry and online store live.

@@ -37,12 +37,17 @@ DESCRIPTION = (
     "which models are served, their gate scores and the last gate decision.\n\n"
     "Every refused request is answered with a 4xx and a JSON body whose `error` names the "
     "problem in one sentence (`field` names the offending field where there is one). "
+    "`POST /feedback` records interactions durably (the next daily run's input) and moves "
+    "the user's embedding within a second (path `fresh`).\n\n"
     "Health: `GET /livez`, readiness: `GET /readyz`, Prometheus metrics: `GET /metrics`.")
 
 EXAMPLES: dict[str, dict[str, Any]] = {
     "/recommend": {"user_id": "196", "k": 10, "exclude_seen": True},
     "/score": {"user_id": "196", "item_ids": ["242", "302"]},
     "/similar_items": {"item_id": "242", "k": 10},
+    "/feedback": {"events": [{"user_id": "196", "item_id": "242",
+                              "timestamp": "2026-12-04T08:00:00Z"},
+                             {"user_id": "196", "item_id": "302", "rating": 5}]},
     "/metadata": {},
     "/reload": {},
 }
@@ -69,13 +74,15 @@ STATUSES: dict[str, tuple[str, dict[str, Any]]] = {
             {"error": "request body of 2,400,000 bytes or more exceeds the limit of "
                       "1,048,576 bytes"}),
     "503": ("No model has been accepted yet (/score and /similar_items need one; /recommend "
-            "answers with popular items instead).",
+            "answers with popular items instead); /feedback: the feedback log cannot be "
+            "written (nothing was recorded: retry).",
             {"error": "no model has been accepted yet (the service answers /recommend with "
                       "popular items); see /metadata"}),
 }
 # Which statuses each endpoint answers (BentoML lists 400, 404 and 500 for every one).
 ANSWERS = {"/recommend": ("400", "413"), "/score": ("400", "404", "413", "503"),
-           "/similar_items": ("400", "404", "413", "503"), "/metadata": ("400", "413"),
+           "/similar_items": ("400", "404", "413", "503"), "/feedback": ("400", "413", "503"),
+           "/metadata": ("400", "413"),
            "/reload": ("400", "413")}
 
 

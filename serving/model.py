@@ -75,7 +75,8 @@ class ServedModel:
 
     def __init__(self, user: torch.Tensor, item: torch.Tensor, users: Vocab, items: Vocab,
                  info: ModelInfo, popular: Sequence[str] = (), device: torch.device | str = "cpu",
-                 prior_column: bool = False, melu: ServedMeLU | None = None):
+                 prior_column: bool = False, melu: ServedMeLU | None = None,
+                 freshness: dict[str, Any] | None = None):
         if user.ndim != 2 or item.ndim != 2 or user.shape[1] != item.shape[1]:
             raise ValueError(f"embedding shapes do not match: user {tuple(user.shape)}, "
                              f"item {tuple(item.shape)}")
@@ -95,6 +96,8 @@ class ServedModel:
         # The cold-start model packaged beside this one; it answers users the model does not
         # know only when the gate found it better than the mean embedding (its cold path).
         self.melu = melu if melu is not None and melu.path == "melu" else None
+        # The run configuration's per-event settings (``freshness:``), packaged with it.
+        self.freshness: dict[str, Any] = dict(freshness or {})
 
     # ------------------------------------------------------------------ loading
 
@@ -116,7 +119,7 @@ class ServedModel:
         return cls(tensors[user_key], tensors[item_key],
                    Vocab.from_json(files["vocab_users.json"].decode()),
                    Vocab.from_json(files["vocab_items.json"].decode()),
-                   info, popular, device, prior_column, melu)
+                   info, popular, device, prior_column, melu, meta.get("freshness"))
 
     # ------------------------------------------------------------------ lookups
 

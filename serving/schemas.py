@@ -6,9 +6,19 @@ fields are refused. Every limit below answers 400 with the offending field named
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 MAX_K = 1000
 """Largest ``k`` a request may ask for."""
@@ -19,9 +29,11 @@ MAX_ID_LENGTH = 256
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
 K = Annotated[int, Field(ge=1, le=MAX_K, description=f"How many items, 1 to {MAX_K}.")]
-Path = Literal["user", "melu", "recent_items", "feast_recent_items", "popular"]
+Path = Literal["user", "fresh", "melu", "recent_items", "feast_recent_items", "popular"]
 PATH_HELP = (
-    "Which path answered: 'user' (the model knows the user), 'melu' (a user the model does "
+    "Which path answered: 'user' (the model knows the user), 'fresh' (the user's embedding "
+    "updated by their feedback events since the daily run: the model's row, or for a new "
+    "user the mean of their items, moved by each event), 'melu' (a user the model does "
     "not know: the cold-start model MeLU adapted to their recent items, from the request "
     "or Feast, where the gate found it better than the mean embedding), 'recent_items' (an "
     "embedding built from the request's recent items), 'feast_recent_items' (from the "
@@ -133,6 +145,9 @@ class Metadata(BaseModel):
                                 "production.")
     device: str
     limits: dict[str, int]
+    feedback: dict[str, Any] = Field(
+        default_factory=dict, description="The feedback log (folder, file, events written) "
+        "and the per-event user updates (rule, events applied, lag).")
 
 
 class ReloadResponse(BaseModel):
@@ -140,3 +155,99 @@ class ReloadResponse(BaseModel):
     production: str | None
     candidate: str | None
     last_error: str
+
+
+MAX_EVENTS = 1000
+"""Most events one /feedback request may carry."""
+
+
+def _clean_id(value: str) -> str:
+    if value != value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("an id may not have spaces at either end or control characters "
+                         "(newlines, tabs...)")
+    return value
+
+
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH),
+                    AfterValidator(_clean_id)]
+"""An id in an event: what the importer would strip or refuse is refused here, so that a
+logged day always imports."""
+
+
+class FeedbackEvent(_Strict):
+    """One interaction: the user did something positive with the item (a click, a play, a
+    purchase), or rated it."""
+
+    user_id: EventId = Field(description="The user's raw id.")
+    item_id: EventId = Field(description="The item's raw id (new items are welcome: they are "
+                             "logged for the next daily run).")
+    timestamp: float | str | None = Field(
+        None, description="When it happened: Unix seconds or ISO 8601 (with a UTC offset, "
+        "or UTC if none); default: when it is received. Not in the future (a few minutes of "
+        "clock skew allowed).")
+    rating: float | None = Field(
+        None, description="A rating, in the data's range (0 to 5 by default); without one "
+        "the event is an implicit positive. Ratings below the positive threshold (4 by "
+        "default) are logged but do not update the user's embedding.")
+
+    @field_validator("timestamp")
+    @classmethod
+    def _time(cls, value: float | str | None) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                when = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z")
+                                              else text)
+            except ValueError:
+                raise ValueError("not a Unix time or an ISO 8601 date-time") from None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            value = when.timestamp()
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("must be a finite Unix time after 1970-01-01")
+        return float(value)
+
+    @field_validator("rating")
+    @classmethod
+    def _rating(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class FeedbackRequest(_Strict):
+    """Feedback: one event (its fields at the top level) or a list of them (``events``)."""
+
+    events: list[FeedbackEvent] | None = Field(
+        None, min_length=1, max_length=MAX_EVENTS,
+        description=f"Up to {MAX_EVENTS} events (instead of one event's fields).")
+    user_id: EventId | None = None
+    item_id: EventId | None = None
+    timestamp: float | str | None = None
+    rating: float | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> FeedbackRequest:
+        single = [f for f in ("user_id", "item_id", "timestamp", "rating")
+                  if getattr(self, f) is not None]
+        if self.events is not None and single:
+            named = ", ".join(single)
+            raise ValueError(f"send either events or one event's fields, not both ({named} "
+                             "beside events)")
+        if self.events is None:
+            if "user_id" not in single or "item_id" not in single:
+                raise ValueError("an event needs user_id and item_id (or send a list as events)")
+            self.events = [FeedbackEvent(user_id=self.user_id, item_id=self.item_id,
+                                         timestamp=self.timestamp, rating=self.rating)]
+        return self
+
+
+class FeedbackResponse(BaseModel):
+    accepted: int = Field(description="Events written durably to the feedback log.")
+    periods: list[str] = Field(description="The periods (YYYY-MM-DD) they were logged under: "
+                               "each becomes that period's input to the daily run.")
+    user_updates: int = Field(
+        description="Positive events queued to update their user's embedding (visible in "
+        "/recommend within a second; 0 when per-event updates are off).")

@@ -7,6 +7,9 @@ Endpoints (all POST with a JSON body; the OpenAPI page is at ``/docs``, its docu
 - ``/recommend`` {user_id, k, exclude_seen, recent_items?}: top-k items;
 - ``/score`` {user_id, item_ids, recent_items?}: scores of given items;
 - ``/similar_items`` {item_id, k}: nearest items by cosine similarity of embeddings;
+- ``/feedback`` {user_id, item_id, timestamp?, rating?} or {events: [...]}: events written
+  durably to the feedback log (the next daily run's input) before the answer, then applied to
+  their users' embeddings (``serving/fresh.py``), visible in ``/recommend`` within a second;
 - ``/metadata``: the models served, their periods and gate metrics, features, batching;
 - ``/reload``: check the model source for new versions now (it is also polled).
 
@@ -33,6 +36,25 @@ Configuration, from the environment (read once at start):
 ``SMLREC_WORKERS``         worker processes (default 1)
 ``SMLREC_DEVICE``          ``auto`` (default: CUDA when present), ``cpu``, ``cuda``
 ``SMLREC_THREADS``         torch CPU threads per worker (default 1)
+``SMLREC_DATA_URI``        the data store (a local folder): the feedback log goes under
+                           it, and its period spec names the log's periods
+``SMLREC_FEEDBACK_LOG``    the feedback log's folder (default ``<data store>/feedback``,
+                           else ``feedback``); format in ``smlrec/feedback.py``
+``SMLREC_PERIOD_SPEC``     period spec of the log without a data store (default 1D)
+``SMLREC_USER_UPDATE``     the per-event user update rule as JSON (fields of
+                           ``smlrec.online.UserUpdate``), or ``none`` to turn it off
+                           (default: the packaged run configuration's, else the
+                           built-in default)
+``SMLREC_MIN_RATING``      a rated event updates its user only from this rating (default 4,
+                           the importer's positive threshold)
+``SMLREC_RATING_RANGE``    ratings accepted, ``low,high`` (default ``0,5``, the validation
+                           suite's): others are refused so that a logged day validates
+``SMLREC_MAX_CLOCK_SKEW``  seconds an event's timestamp may be ahead of the clock (default
+                           300)
+``SMLREC_FRESH_MAX_ITEMS`` most recent items a user's per-event state keeps (default 200;
+                           the rule's ``history`` when smaller): each state is one online
+                           store row read and written per event. The replay measured
+                           history 100 within 0.001 NDCG@20 of 1000 on validation weeks
 =========================  ===========================================================
 """
 
@@ -42,6 +64,7 @@ import asyncio
 import gc
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +74,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from serving.batching import MicroBatcher, describe
+from serving.fresh import FIELDS, PUSH_SOURCE, FreshUpdater, UserState, UserStates, merge_recent
 from serving.http import ApiFront, install_log_filter
 from serving.limits import BodyLimit
 from serving.model import ServedModel, TopK, canary_bucket, iso_time
@@ -59,6 +83,8 @@ from serving.schemas import (
     MAX_K,
     MAX_LIST,
     Empty,
+    FeedbackRequest,
+    FeedbackResponse,
     Metadata,
     RecommendRequest,
     RecommendResponse,
@@ -70,7 +96,11 @@ from serving.schemas import (
     SimilarResponse,
 )
 from serving.sources import PRODUCTION_MODEL, LiveModels, make_source
+from smlrec.data.store import has_dataset, read_dataset_info
 from smlrec.device import configure_threads, pick_device
+from smlrec.errors import StorageError
+from smlrec.feedback import LOG_DIR, Event, FeedbackLog
+from smlrec.online import UserUpdate
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 log = logging.getLogger("smlrec.serving")
@@ -90,6 +120,14 @@ class ServingConfig(BaseModel):
     batch_thread: bool = False
     access_log: bool = False
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    data_uri: str = ""
+    feedback_log: str = ""
+    period_spec: str = ""
+    user_update: str = ""
+    min_rating: float = 4.0
+    rating_range: str = "0,5"
+    max_clock_skew: float = Field(300.0, ge=0.0)
+    fresh_max_items: int = Field(200, ge=1, le=100_000)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ServingConfig:
@@ -99,8 +137,39 @@ class ServingConfig(BaseModel):
                  "feature_repo": "SMLREC_FEATURE_REPO", "feature_data": "SMLREC_FEATURE_DATA",
                  "max_batch": "SMLREC_MAX_BATCH", "batch_wait_ms": "SMLREC_BATCH_WAIT_MS",
                  "workers": "SMLREC_WORKERS", "batch_thread": "SMLREC_BATCH_THREAD",
-                 "access_log": "SMLREC_ACCESS_LOG", "max_body_bytes": "SMLREC_MAX_BODY_BYTES"}
+                 "access_log": "SMLREC_ACCESS_LOG", "max_body_bytes": "SMLREC_MAX_BODY_BYTES",
+                 "data_uri": "SMLREC_DATA_URI", "feedback_log": "SMLREC_FEEDBACK_LOG",
+                 "period_spec": "SMLREC_PERIOD_SPEC", "user_update": "SMLREC_USER_UPDATE",
+                 "min_rating": "SMLREC_MIN_RATING", "rating_range": "SMLREC_RATING_RANGE",
+                 "max_clock_skew": "SMLREC_MAX_CLOCK_SKEW",
+                 "fresh_max_items": "SMLREC_FRESH_MAX_ITEMS"}
         return cls(**{field: env[var] for field, var in names.items() if env.get(var)})
+
+    def ratings(self) -> tuple[float, float]:
+        low, _, high = self.rating_range.partition(",")
+        return float(low), float(high)
+
+    def log_root(self) -> str:
+        if self.feedback_log:
+            return self.feedback_log
+        return f"{self.data_uri.rstrip('/')}/{LOG_DIR}" if self.data_uri else LOG_DIR
+
+    def log_period_spec(self) -> str:
+        """The period spec of the log: as configured, else the data store's, else 1D."""
+        if self.period_spec:
+            return self.period_spec
+        if self.data_uri and has_dataset(self.data_uri):
+            return str(read_dataset_info(self.data_uri)["period"])
+        return "1D"
+
+    def update_rule(self, packaged: dict[str, Any] | None = None) -> UserUpdate:
+        """The per-event user update rule: the variable's, else the packaged run
+        configuration's, else the default."""
+        if self.user_update.strip().lower() == "none":
+            return UserUpdate(method="none")
+        if self.user_update:
+            return UserUpdate.model_validate_json(self.user_update)
+        return UserUpdate.model_validate(packaged or {})
 
 
 CONFIG = ServingConfig.from_env()
@@ -151,7 +220,8 @@ def _has_model(name: str) -> bool:
 
 
 class OnlineFeatures:
-    """Reads the user's recent items and the popular items from the Feast online store."""
+    """The Feast online store: users' recent items and per-event states (read, and pushed
+    through ``user_fresh_push``), the popular items."""
 
     RECENT = "recent_items:recent_items"
     POPULAR = "top_items:top_items"  # read by FeatureStoreAdapter.popular_items
@@ -161,16 +231,40 @@ class OnlineFeatures:
 
         self.repo, self.data = repo, data
         self.adapter = FeatureStoreAdapter(repo, data)
-
-    def recent_items(self, user_id: str) -> list[str]:
-        from smlrec.features import split_ids
-
-        frame = self.adapter.online_features(
-            user_ids=[user_id], features=[self.RECENT])["user_id"]
-        return split_ids(frame[self.RECENT.replace(":", "__")].iloc[0])
+        try:  # registries applied before per-event states existed: none until the next run
+            self.adapter.store.get_feature_view("user_fresh")
+            self.can_push = True
+        except Exception:  # noqa: BLE001 - feast raises its own not-found errors
+            self.can_push = False
+            log.warning("the Feast registry has no user_fresh view yet (the next daily run "
+                        "applies it): per-event user states stay in this process")
 
     def popular_items(self, k: int) -> list[str]:
         return self.adapter.popular_items(k)
+
+    def user_states(self, user_ids: Sequence[str]) -> list[tuple[UserState | None, list[str]]]:
+        """Each user's fresh state (``user_fresh`` view, pushed per event) and daily recent
+        items, in one online read."""
+        from smlrec.features import split_ids
+
+        refs = [self.RECENT, *(f"user_fresh:{f}" for f in FIELDS if self.can_push)]
+        frame = self.adapter.online_features(user_ids=list(user_ids), features=refs)["user_id"]
+        out = []
+        for row in frame.to_dict("records"):
+            daily = split_ids(row[self.RECENT.replace(":", "__")])
+            if row.get("user_fresh__model_version") is None:
+                out.append((None, daily))
+                continue
+            vector = row.get("user_fresh__embedding")
+            out.append((UserState(
+                version=row["user_fresh__model_version"] or "",
+                vector=torch.tensor(vector, dtype=torch.float32) if vector else None,
+                recent=tuple(split_ids(row["user_fresh__recent_items"])),
+                events=int(row.get("user_fresh__events") or 0)), daily))
+        return out
+
+    def push_states(self, frame: Any) -> None:
+        self.adapter.push_online(PUSH_SOURCE, frame)
 
 
 @bentoml.service(
@@ -213,6 +307,17 @@ class Recommender:
             except Exception as exc:  # noqa: BLE001 - serve without Feast, say so in /metadata
                 self.features_error = f"{type(exc).__name__}: {exc}"
                 log.error("Feast online store unavailable: %s", self.features_error)
+        self.states = UserStates(self.features)
+        self.updater = FreshUpdater(self.config.update_rule(self._packaged_rule()), self.states,
+                                    self._model_for, self.config.min_rating,
+                                    max_items=self.config.fresh_max_items)
+        self.log: FeedbackLog | None = None
+        self.log_error = ""
+        try:
+            self.log = FeedbackLog(self.config.log_root(), self.config.log_period_spec())
+        except (OSError, StorageError, ValueError) as exc:
+            self.log_error = f"{type(exc).__name__}: {exc}"
+            log.error("feedback log unavailable, /feedback answers 503: %s", self.log_error)
         _tune_gc()
         self.batcher: MicroBatcher[tuple[ServedModel, torch.Tensor, int, list[int]], TopK] = (
             MicroBatcher(_rank_batch, self.config.max_batch, self.config.batch_wait_ms,
@@ -231,6 +336,9 @@ class Recommender:
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        self.updater.close()
         self.models.stop()
         self.batcher.close()
         self.cold_batcher.close()
@@ -245,6 +353,41 @@ class Recommender:
         if candidate is not None and share > 0 and canary_bucket(user_id) < share:
             return candidate
         return production
+
+    def _packaged_rule(self) -> dict[str, Any] | None:
+        """The per-event update rule of the production model's run configuration."""
+        model = self.models.production or self.models.candidate
+        return model.freshness.get("user_update") if model is not None else None
+
+    async def _state(self, user_id: str) -> tuple[UserState | None, list[str]]:
+        """The user's fresh state and daily recent items (Feast, in a thread; without it,
+        this worker's memory). A failed read degrades to this worker's memory."""
+        if self.features is None:
+            return self.states.local(user_id), []
+        try:
+            return (await asyncio.to_thread(self.states.read, [user_id]))[0]
+        except Exception as exc:  # noqa: BLE001 - a lookup failure degrades, never fails
+            log.warning("Feast user state read failed: %s", exc)
+            return self.states.local(user_id), []
+
+    def _events(self, req: FeedbackRequest) -> list[Event]:
+        """The request's events, checked against the clock and the rating range (400)."""
+        now = time.time()
+        low, high = self.config.ratings()
+        out = []
+        for i, e in enumerate(req.events or []):
+            where = f"events[{i}]" if req.user_id is None else "event"
+            ts = now if e.timestamp is None else float(e.timestamp)
+            if ts > now + self.config.max_clock_skew:
+                raise RequestError(400, f"{where}.timestamp is {ts - now:,.0f} s in the future "
+                                   f"(at most {self.config.max_clock_skew:g} s of clock skew "
+                                   "is allowed)", field=f"{where}.timestamp")
+            if e.rating is not None and not low <= e.rating <= high:
+                raise RequestError(400, f"{where}.rating {e.rating:g} is outside the data's "
+                                   f"rating range {low:g} to {high:g}",
+                                   field=f"{where}.rating")
+            out.append(Event(e.user_id, e.item_id, ts, e.rating))
+        return out
 
     def _production(self) -> ServedModel:
         model = self.models.production
@@ -264,9 +407,14 @@ class Recommender:
             return []
 
     async def _query(self, model: ServedModel, user_id: str, recent: list[str] | None,
-                     feast_recent: list[str] | None) -> tuple[torch.Tensor | None, str, list[str]]:
-        """The user's vector and the path: the model's row, else the mean of recent items."""
+                     feast_recent: list[str] | None, state: UserState | None = None
+                     ) -> tuple[torch.Tensor | None, str, list[str]]:
+        """The user's vector and the path: the vector their feedback moved, else the model's
+        row, else one built from their recent items."""
         recent_rows, ignored = model.item_rows(recent) if recent else ([], [])
+        fresh = state.vector_for(model) if state is not None else None
+        if fresh is not None:
+            return fresh.to(model.device), "fresh", ignored
         row = model.user_row(user_id)
         if row is not None:
             return model.user_vector(row), "user", ignored
@@ -294,13 +442,12 @@ class Recommender:
 
     async def _recommend(self, req: RecommendRequest) -> RecommendResponse:
         model = self._model_for(req.user_id)
-        known = model is not None and model.user_row(req.user_id) is not None
-        feast_recent = None
-        if (req.exclude_seen or (not known and not req.recent_items)) and self.features:
-            feast_recent = await self._feast("recent_items", req.user_id)
+        state, daily = await self._state(req.user_id)
+        feast_recent = list(merge_recent(state.recent if state else (), daily,
+                                         limit=self.updater.history))
         query, path, ignored = (
             (None, "popular", list(req.recent_items or [])) if model is None
-            else await self._query(model, req.user_id, req.recent_items, feast_recent))
+            else await self._query(model, req.user_id, req.recent_items, feast_recent, state))
         seen = set(req.recent_items or []) | set(feast_recent or []) if req.exclude_seen else set()
         if query is None or model is None:
             popular = await self._feast("popular_items", req.k + len(seen)) or next(
@@ -319,7 +466,8 @@ class Recommender:
             top = await self.batcher.submit((model, query, req.k, exclude))
         return RecommendResponse(
             user_id=req.user_id, items=[model.item_ids[r] for r in top.rows], scores=top.scores,
-            model=_served_by(model), path=path, fallback=path != "user", ignored_items=ignored)
+            model=_served_by(model), path=path, fallback=path not in ("user", "fresh"),
+            ignored_items=ignored)
 
     @bentoml.api(route="/score", input_spec=ScoreRequest, output_spec=ScoreResponse)
     async def score(self, **request: Any) -> ScoreResponse | JSONResponse:
@@ -331,11 +479,11 @@ class Recommender:
             if unknown:
                 raise RequestError(404, f"unknown item ids: {_preview(unknown)}",
                                    unknown_item_ids=unknown[:100])
-            feast_recent = None
-            if model.user_row(req.user_id) is None and not req.recent_items:
-                feast_recent = await self._feast("recent_items", req.user_id)
+            state, daily = await self._state(req.user_id)
+            feast_recent = list(merge_recent(state.recent if state else (), daily,
+                                             limit=self.updater.history))
             query, path, _ = await self._query(model, req.user_id, req.recent_items,
-                                               feast_recent)
+                                               feast_recent, state)
             if query is None:
                 raise RequestError(404, f"unknown user {req.user_id!r} and none of their recent "
                                    "items is known: nothing to score with")
@@ -362,13 +510,37 @@ class Recommender:
         except RequestError as exc:
             return exc.response()
 
+    @bentoml.api(route="/feedback", input_spec=FeedbackRequest, output_spec=FeedbackResponse)
+    async def feedback(self, **request: Any) -> FeedbackResponse | JSONResponse:
+        """Record interactions: written durably to the feedback log (the next daily run's
+        input) before the answer, then applied to the users' embeddings."""
+        try:
+            req = FeedbackRequest.model_construct(**request)
+            events = self._events(req)
+            if self.log is None:
+                raise RequestError(503, f"the feedback log is unavailable ({self.log_error}); "
+                                   "nothing was recorded")
+            try:
+                await asyncio.wrap_future(self.log.append(events))
+            except StorageError as exc:
+                raise RequestError(503, f"{exc}; retry later") from exc
+            queued = self.updater.submit(events)
+            return FeedbackResponse(accepted=len(events),
+                                    periods=sorted({self.log.period(e.timestamp)
+                                                    for e in events}),
+                                    user_updates=queued if self.updater.enabled else 0)
+        except RequestError as exc:
+            return exc.response()
+
     @bentoml.api(route="/metadata", input_spec=Empty, output_spec=Metadata)
     def metadata(self) -> Metadata:
         """The models served (version, period, gate metrics), canary share, features used."""
         production, candidate = self.models.production, self.models.candidate
         features: dict[str, Any] = {
             "online_store": bool(self.features), "error": self.features_error,
-            "used": [OnlineFeatures.RECENT, OnlineFeatures.POPULAR] if self.features else [],
+            "used": [OnlineFeatures.RECENT, OnlineFeatures.POPULAR,
+                     *([f"user_fresh:{f}" for f in FIELDS] if self.features.can_push else [])]
+            if self.features else [],
             "repo": self.config.feature_repo, "data": self.config.feature_data}
         decisions = [m.info.decision for m in (production, candidate) if m and m.info.decision]
         last = max(decisions, key=lambda d: str(d.get("recorded_at", "")), default={})
@@ -388,6 +560,8 @@ class Recommender:
             batching=describe(self.batcher), swaps=self.models.swaps,
             last_check=iso_time(self.models.last_check), last_error=self.models.last_error,
             device=str(self.device),
+            feedback={"log": self.log.describe() if self.log else None,
+                      "error": self.log_error, "user_updates": self.updater.describe()},
             limits={"max_k": MAX_K, "max_list": MAX_LIST, "max_id_length": MAX_ID_LENGTH,
                     "max_body_bytes": self.config.max_body_bytes})
 

@@ -181,7 +181,12 @@ def test_definitions_match_the_written_schemas(feast_store, tmp_path: Path) -> N
 
     objects = feast_store.load_definitions(REPO, str(tmp_path))
     views = {o.name: o for o in objects if isinstance(o, FeatureView)}
-    assert set(views) == set(feast_store.SCHEMAS)
+    assert set(views) == {*feast_store.SCHEMAS, "user_fresh"}
+    pushed = views.pop("user_fresh")  # written per event by the API, through a push source
+    assert type(pushed.stream_source).__name__ == "PushSource"
+    assert pushed.stream_source.name == "user_fresh_push"
+    assert [f.name for f in pushed.features] == ["embedding", "model_version", "recent_items",
+                                                 "events"]
     for name, view in views.items():
         assert view.description and view.ttl and view.ttl.total_seconds() > 0
         assert view.batch_source.path == f"{tmp_path}/{name}.parquet"  # SMLREC_FEATURE_DATA

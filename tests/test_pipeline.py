@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -18,9 +19,10 @@ from conftest import tree_digest
 from pipelines.daily import bootstrap_pipeline, compile_pipeline, daily_pipeline
 from pipelines.local import Console, run_bootstrap, run_daily, run_periods, write_report
 from smlrec.daily import load_config, run_period
-from smlrec.data.store import list_periods
+from smlrec.data.store import delete_periods, list_periods, read_dataset_info, read_period
 from smlrec.data.synthetic import write_synthetic
 from smlrec.errors import SmlrecError
+from smlrec.feedback import Event, FeedbackLog
 from smlrec.registry import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,6 +168,31 @@ def test_bad_data_stops_at_validation_and_changes_nothing(state, data, tmp_path)
         run_daily(p[6], data, state, str(tmp_path / "kfp"), input_file=str(bad))
     assert tree_digest(state) == before
     assert tree_digest(data) == data_before
+
+
+def test_the_next_daily_run_validates_and_trains_on_the_days_feedback(state, data, tmp_path):
+    """The API's feedback log of a period is that period's input: validated, imported, and
+    trained on (here the period's interactions arrive as events, not as a file)."""
+    p = list_periods(data)
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    events = read_period(data, p[6])
+    delete_periods(str(own), [p[6]])
+    log = FeedbackLog(own / "feedback", read_dataset_info(data)["period"])
+    log.append([Event(u, i, t.timestamp()) for u, i, t in zip(
+        events["user_id"], events["item_id"], events["timestamp"], strict=True)]).result(30)
+    log.close()
+    r = run_daily(p[6], str(own), state, str(tmp_path / "kfp"),
+                  input_file=str(own / "feedback" / f"period={p[6]}"))
+    assert r["decision"] in ("promote", "reject"), r
+    stored = read_period(str(own), p[6])
+    key = ["user_id", "item_id", "timestamp"]
+    pd.testing.assert_frame_equal(stored[key].reset_index(drop=True),
+                                  events[key].reset_index(drop=True))
+    store = StateStore(state)
+    assert store.get_pointer("candidate") == p[6]
+    _, _, users, items = store.load_period(p[6])
+    assert set(events["user_id"]) <= set(users.ids) and set(events["item_id"]) <= set(items.ids)
 
 
 def test_worse_candidate_is_rejected_and_the_incumbent_kept(state, data, tmp_path):
