@@ -351,12 +351,12 @@ def resolve_period_op(period: str, scheduled_time: str, period_spec: str
     """
     from collections import namedtuple
 
-    from smlrec.data.periods import period_id, period_start, previous_period_start
+    from smlrec.data.periods import check_closed, period_id, period_start, previous_period_start
     from smlrec.registry import check_period_id
 
     out = namedtuple("Outputs", ["period"])
     if period and period != "scheduled":
-        return out(check_period_id(period))
+        return out(check_closed(check_period_id(period), period_spec))
     import pandas as pd
 
     when = pd.Timestamp(scheduled_time)

@@ -12,6 +12,8 @@ from kfp import local
 
 from pipelines.daily import bootstrap_pipeline, local_daily_pipeline
 from smlrec.daily import is_done
+from smlrec.data.periods import check_closed
+from smlrec.data.store import has_dataset, read_dataset_info
 from smlrec.errors import SmlrecError
 from smlrec.registry import StateStore, check_period_id
 
@@ -64,6 +66,12 @@ def run_daily(period: str, data_uri: str, state_uri: str, work_dir: str,
     store = StateStore(_abs(state_uri))
     if is_done(store, period):
         return {"period": period, "skipped": True}
+    if params.get("period_spec") or has_dataset(_abs(data_uri)):
+        spec = params.get("period_spec") or read_dataset_info(_abs(data_uri))["period"]
+        try:  # the pipeline's first step checks it too; here it is said before any work
+            check_closed(period, spec)
+        except ValueError as exc:
+            raise SmlrecError(str(exc)) from None
     feature_data = feature_data or str(Path(_abs(state_uri)) / "features")
     start, wall_start = time.perf_counter(), time.time()
     with store.lock(f"daily {period}"):

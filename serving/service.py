@@ -70,7 +70,7 @@ from typing import Any
 
 import bentoml
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.responses import JSONResponse
 
 from serving.batching import MicroBatcher, describe
@@ -144,6 +144,18 @@ class ServingConfig(BaseModel):
                  "max_clock_skew": "SMLREC_MAX_CLOCK_SKEW",
                  "fresh_max_items": "SMLREC_FRESH_MAX_ITEMS"}
         return cls(**{field: env[var] for field, var in names.items() if env.get(var)})
+
+    @field_validator("rating_range")
+    @classmethod
+    def _range(cls, value: str) -> str:
+        low, _, high = value.partition(",")
+        try:
+            ok = float(low) <= float(high)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"SMLREC_RATING_RANGE must be 'low,high' numbers, not {value!r}")
+        return value
 
     def ratings(self) -> tuple[float, float]:
         low, _, high = self.rating_range.partition(",")

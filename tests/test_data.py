@@ -520,3 +520,12 @@ def test_default_roots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert default_data_root("synthetic") == "s3://bucket/data/synthetic"
     monkeypatch.setenv("SMLREC_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path
+
+
+def test_a_daily_run_needs_a_closed_period() -> None:
+    from smlrec.data.periods import check_closed
+
+    now = pd.Timestamp("2024-01-10T12:00:00Z")
+    assert check_closed("2024-01-01", "7D", now) == "2024-01-01"  # ended 2024-01-08
+    with pytest.raises(ValueError, match="not closed yet: it ends 2024-01-15T00:00:00Z"):
+        check_closed("2024-01-08", "7D", now)

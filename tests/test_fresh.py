@@ -107,3 +107,20 @@ def test_a_full_backlog_skips_updates_not_events() -> None:
     assert up.submit([_event("u1", "i1"), _event("u1", "i2")]) == 2
     assert up.submit([_event("u1", "i3"), _event("u1", "i4")]) == 0
     assert up.describe()["queued"] == 2 and up.describe()["skipped_backlog_full"] == 2
+
+
+def test_the_service_settings_for_feedback() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from serving.service import ServingConfig
+
+    cfg = ServingConfig.from_env({"SMLREC_DATA_URI": "/d/ml", "SMLREC_RATING_RANGE": "1,10"})
+    assert cfg.log_root() == "/d/ml/feedback" and cfg.ratings() == (1.0, 10.0)
+    assert cfg.log_period_spec() == "1D"  # no data store there
+    assert cfg.update_rule({"method": "mean", "decay": 0.5}).decay == 0.5  # the packaged rule
+    assert ServingConfig.from_env({"SMLREC_USER_UPDATE": "none"}).update_rule().method == "none"
+    assert ServingConfig.from_env(
+        {"SMLREC_USER_UPDATE": '{"method": "grad", "steps": 2}'}).update_rule().steps == 2
+    with pytest.raises(ValidationError, match="low,high"):
+        ServingConfig.from_env({"SMLREC_RATING_RANGE": "5"})

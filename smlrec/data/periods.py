@@ -120,6 +120,19 @@ def assign_periods(df: pd.DataFrame, spec: str) -> pd.DataFrame:
     return out
 
 
+def check_closed(pid: str, spec: str, now: pd.Timestamp | None = None) -> str:
+    """Return ``pid`` if period ``pid`` has ended by ``now`` (default: the clock), else raise
+    ``ValueError`` saying when it ends: a daily run processes a closed period (its data
+    complete, its features materialized up to its end)."""
+    _, end = period_bounds(pid, spec)
+    now = pd.Timestamp.now(tz="UTC") if now is None else now
+    if end > now:
+        raise ValueError(f"period {pid} ({spec}) has not closed yet: it ends "
+                         f"{end.isoformat().replace('+00:00', 'Z')}; run it after that "
+                         "(events logged meanwhile stay in its feedback folder)")
+    return pid
+
+
 def period_bounds(pid: str, spec: str) -> tuple[pd.Timestamp, pd.Timestamp]:
     """Return the half-open UTC interval ``[start, end)`` covered by period ``pid``.
 
