@@ -37,7 +37,7 @@ import torch
 
 from serving.model import ServedModel
 from smlrec.features import SEPARATOR
-from smlrec.feedback import Event
+from smlrec.feedback import Event, take_batch
 from smlrec.online import UserUpdate, start_vector, update_users
 
 log = logging.getLogger("smlrec.serving.fresh")
@@ -218,20 +218,11 @@ class FreshUpdater:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
+            batch, stop = take_batch(self._queue)
+            if batch:
+                self._apply_logged(batch)
+            if stop:
                 return
-            batch = [first]
-            while True:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._apply_logged(batch)
-                    return
-                batch.append(more)
-            self._apply_logged(batch)
 
     def _apply_logged(self, batch: list[tuple[float, list[Event]]]) -> None:
         start = time.perf_counter()

@@ -44,7 +44,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,6 +62,27 @@ log = logging.getLogger("smlrec.feedback")
 LOG_DIR = "feedback"
 """The log's folder under a data store, its default root."""
 FILE_GLOB = "events-*.jsonl"
+
+
+def take_batch(q: queue.SimpleQueue, limit: int | None = None,
+               size: Callable[[Any], int] = lambda _: 1) -> tuple[list[Any], bool]:
+    """For a thread that group-commits what others queue: wait for one item, then take
+    every item already queued, up to ``limit`` in total ``size``. Returns the items and
+    whether the close mark (``None``) was taken (then nothing follows it)."""
+    first = q.get()
+    if first is None:
+        return [], True
+    batch, n = [first], size(first)
+    while limit is None or n < limit:
+        try:
+            more = q.get_nowait()
+        except queue.Empty:
+            break
+        if more is None:
+            return batch, True
+        batch.append(more)
+        n += size(more)
+    return batch, False
 
 
 @dataclass(frozen=True)
@@ -210,22 +231,9 @@ class FeedbackLog:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch, n = [first], len(first[0])
-            stop = False
-            while n < self.max_batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-                n += len(more[0])
-            self._commit(batch)
+            batch, stop = take_batch(self._queue, self.max_batch, lambda item: len(item[0]))
+            if batch:
+                self._commit(batch)
             if stop:
                 return
 
