@@ -133,3 +133,19 @@ def describe(batcher: MicroBatcher[Any, Any]) -> dict[str, Any]:
     return {"max_batch_size": batcher.max_batch_size, "max_wait_ms": batcher.max_wait * 1000,
             "batches": s.batches, "requests": s.jobs, "mean_batch": round(s.mean, 2),
             "largest_batch": s.largest}
+
+
+def by_model(jobs: Sequence[tuple], run: Callable[[Any, list[tuple]], Sequence[Any]]
+             ) -> list[Any]:
+    """``run(model, its jobs)`` once per model among the jobs, each a tuple whose first item
+    is the model (production and candidate may mix in a batch); the answers in the jobs'
+    order."""
+    out: list[Any] = [None] * len(jobs)
+    groups: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(id(job[0]), []).append(i)
+    for idx in groups.values():
+        answers = run(jobs[idx[0]][0], [jobs[i] for i in idx])
+        for i, answer in zip(idx, answers, strict=True):
+            out[i] = answer
+    return out

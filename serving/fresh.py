@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import pandas as pd
 import torch
 
+from serving.batching import by_model
 from serving.model import ServedModel
 from smlrec.features import SEPARATOR
 from smlrec.feedback import Event, take_batch
@@ -250,7 +251,7 @@ class FreshUpdater:
         for e in events:
             by_user.setdefault(e.user_id, []).append(e.item_id)
         users = list(by_user)
-        jobs: dict[int, tuple[ServedModel, list[_Job]]] = {}
+        jobs: list[tuple[ServedModel, _Job]] = []
         new: dict[str, UserState] = {}
         states = self.states.read_for_update(users)
         for user, (state, daily_recent) in zip(users, states, strict=True):
@@ -261,13 +262,12 @@ class FreshUpdater:
                 old.events + len(items))
             model = self.model_for(user)
             if model is not None and self.enabled:
-                jobs.setdefault(id(model), (model, []))[1].append(
-                    self._job(model, user, old, items, daily_recent))
-        for model, group in jobs.values():
-            for job, vector in zip(group, self._move(model, group), strict=True):
-                if vector is not None:
-                    new[job.user] = replace(new[job.user], version=model.info.version,
-                                            vector=vector)
+                jobs.append((model, self._job(model, user, old, items, daily_recent)))
+        moved = by_model(jobs, lambda model, js: self._move(model, [j for _, j in js]))
+        for (model, job), vector in zip(jobs, moved, strict=True):
+            if vector is not None:
+                new[job.user] = replace(new[job.user], version=model.info.version,
+                                        vector=vector)
         self.states.write(new)
         return new
 

@@ -65,7 +65,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import bentoml
@@ -73,7 +73,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 from starlette.responses import JSONResponse
 
-from serving.batching import MicroBatcher, describe
+from serving.batching import MicroBatcher, by_model, describe
 from serving.fresh import FIELDS, PUSH_SOURCE, FreshUpdater, UserState, UserStates, merge_recent
 from serving.http import ApiFront, install_log_filter
 from serving.limits import BodyLimit
@@ -592,28 +592,13 @@ Recommender.add_asgi_middleware(BodyLimit, max_bytes=CONFIG.max_body_bytes)
 Recommender.add_asgi_middleware(ApiFront)
 
 
-def _by_model(jobs: Sequence[tuple], run: Callable[[Any, list[tuple]], Sequence[Any]]
-              ) -> list[Any]:
-    """``run(model, its jobs)`` once per model among the jobs (production and candidate
-    may mix in a batch); the answers in the jobs' order."""
-    out: list[Any] = [None] * len(jobs)
-    groups: dict[int, list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault(id(job[0]), []).append(i)
-    for idx in groups.values():
-        answers = run(jobs[idx[0]][0], [jobs[i] for i in idx])
-        for i, answer in zip(idx, answers, strict=True):
-            out[i] = answer
-    return out
-
-
 def _melu_batch(jobs: list[tuple[ServedModel, str, list[int]]]) -> list[torch.Tensor]:
     """MeLU's adaptation for the batch's new users, one call per model."""
-    return _by_model(jobs, lambda model, js: model.melu_scores([j[1] for j in js],
+    return by_model(jobs, lambda model, js: model.melu_scores([j[1] for j in js],
                                                                [j[2] for j in js]))
 
 
 def _rank_batch(jobs: list[tuple[ServedModel, torch.Tensor, int, list[int]]]) -> list[TopK]:
     """One batched top-k per model among the jobs (production and candidate may mix)."""
-    return _by_model(jobs, lambda model, js: model.topk(torch.stack([j[1] for j in js]),
+    return by_model(jobs, lambda model, js: model.topk(torch.stack([j[1] for j in js]),
                                                         [j[2] for j in js], [j[3] for j in js]))
