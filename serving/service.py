@@ -371,16 +371,22 @@ class Recommender:
         model = self.models.production or self.models.candidate
         return model.freshness.get("user_update") if model is not None else None
 
-    async def _state(self, user_id: str) -> tuple[UserState | None, list[str]]:
-        """The user's fresh state and daily recent items (Feast, in a thread; without it,
-        this worker's memory). A failed read degrades to this worker's memory."""
-        if self.features is None:
-            return self.states.local(user_id), []
-        try:
-            return (await asyncio.to_thread(self.states.read, [user_id]))[0]
-        except Exception as exc:  # noqa: BLE001 - a lookup failure degrades, never fails
-            log.warning("Feast user state read failed: %s", exc)
-            return self.states.local(user_id), []
+    async def _state(self, user_id: str, needed: bool = True
+                     ) -> tuple[UserState | None, list[str]]:
+        """The user's fresh state and every recent item known of them (their feedback's
+        first, then the daily view's): from Feast, in a thread, else (or when the read
+        fails) this worker's memory. ``needed`` False (nothing in the answer can use them):
+        no read, (None, [])."""
+        if not needed:
+            return None, []
+        state, daily = self.states.local(user_id), []
+        if self.features is not None:
+            try:
+                state, daily = (await asyncio.to_thread(self.states.read, [user_id]))[0]
+            except Exception as exc:  # noqa: BLE001 - a lookup failure degrades, never fails
+                log.warning("Feast user state read failed: %s", exc)
+        return state, list(merge_recent(state.recent if state else (), daily,
+                                        limit=self.updater.history))
 
     def _events(self, req: FeedbackRequest) -> list[Event]:
         """The request's events, checked against the clock and the rating range (400)."""
@@ -454,9 +460,10 @@ class Recommender:
 
     async def _recommend(self, req: RecommendRequest) -> RecommendResponse:
         model = self._model_for(req.user_id)
-        state, daily = await self._state(req.user_id)
-        feast_recent = list(merge_recent(state.recent if state else (), daily,
-                                         limit=self.updater.history))
+        known = model is not None and model.user_row(req.user_id) is not None
+        state, feast_recent = await self._state(req.user_id, self.updater.enabled
+                                                or req.exclude_seen
+                                                or not (known or req.recent_items))
         query, path, ignored = (
             (None, "popular", list(req.recent_items or [])) if model is None
             else await self._query(model, req.user_id, req.recent_items, feast_recent, state))
@@ -491,9 +498,9 @@ class Recommender:
             if unknown:
                 raise RequestError(404, f"unknown item ids: {_preview(unknown)}",
                                    unknown_item_ids=unknown[:100])
-            state, daily = await self._state(req.user_id)
-            feast_recent = list(merge_recent(state.recent if state else (), daily,
-                                             limit=self.updater.history))
+            state, feast_recent = await self._state(
+                req.user_id, self.updater.enabled
+                or not (model.user_row(req.user_id) is not None or req.recent_items))
             query, path, _ = await self._query(model, req.user_id, req.recent_items,
                                                feast_recent, state)
             if query is None:
