@@ -125,7 +125,7 @@ class ServingConfig(BaseModel):
     period_spec: str = ""
     user_update: str = ""
     min_rating: float = 4.0
-    rating_range: str = "0,5"
+    rating_range: tuple[float, float] = (0.0, 5.0)
     max_clock_skew: float = Field(300.0, ge=0.0)
     fresh_max_items: int = Field(200, ge=1, le=100_000)
 
@@ -145,21 +145,20 @@ class ServingConfig(BaseModel):
                  "fresh_max_items": "SMLREC_FRESH_MAX_ITEMS"}
         return cls(**{field: env[var] for field, var in names.items() if env.get(var)})
 
-    @field_validator("rating_range")
+    @field_validator("rating_range", mode="before")
     @classmethod
-    def _range(cls, value: str) -> str:
+    def _range(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        problem = f"SMLREC_RATING_RANGE must be 'low,high' numbers, not {value!r}"
         low, _, high = value.partition(",")
         try:
-            ok = float(low) <= float(high)
+            bounds = float(low), float(high)
         except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"SMLREC_RATING_RANGE must be 'low,high' numbers, not {value!r}")
-        return value
-
-    def ratings(self) -> tuple[float, float]:
-        low, _, high = self.rating_range.partition(",")
-        return float(low), float(high)
+            raise ValueError(problem) from None
+        if bounds[0] > bounds[1]:
+            raise ValueError(problem)
+        return bounds
 
     def log_root(self) -> str:
         if self.feedback_log:
@@ -391,7 +390,7 @@ class Recommender:
     def _events(self, req: FeedbackRequest) -> list[Event]:
         """The request's events, checked against the clock and the rating range (400)."""
         now = time.time()
-        low, high = self.config.ratings()
+        low, high = self.config.rating_range
         out = []
         for i, e in enumerate(req.events or []):
             where = f"events[{i}]" if req.user_id is None else "event"

@@ -116,7 +116,7 @@ def test_the_service_settings_for_feedback() -> None:
     from serving.service import ServingConfig
 
     cfg = ServingConfig.from_env({"SMLREC_DATA_URI": "/d/ml", "SMLREC_RATING_RANGE": "1,10"})
-    assert cfg.log_root() == "/d/ml/feedback" and cfg.ratings() == (1.0, 10.0)
+    assert cfg.log_root() == "/d/ml/feedback" and cfg.rating_range == (1.0, 10.0)
     assert cfg.log_period_spec() == "1D"  # no data store there
     assert cfg.update_rule({"method": "mean", "decay": 0.5}).decay == 0.5  # the packaged rule
     assert ServingConfig.from_env({"SMLREC_USER_UPDATE": "none"}).update_rule().method == "none"
