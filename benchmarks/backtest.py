@@ -20,6 +20,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,6 +114,22 @@ def prepare(name: str) -> str:
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def update_run_config(name: str, section: str, value: Any, selection: dict) -> Path:
+    """Set one section of the run configuration configs/<name>.yaml to ``value`` and its
+    entry under ``selection`` (what was measured when it was chosen), keeping the rest of
+    the file and its comment header; returns the path."""
+    from smlrec.config import DailyConfig
+
+    path = CONFIGS / f"{name}.yaml"
+    header = "".join(line + "\n" for line in path.read_text().splitlines()
+                     if line.startswith("#"))
+    conf = DailyConfig.load(str(path))
+    conf = conf.model_copy(update={section: value,
+                                   "selection": {**conf.selection, section: selection}})
+    path.write_text(header + conf.to_yaml())
+    return path
 
 
 def run(name: str, device: torch.device, progress: bool, seeds: tuple[int, ...],

@@ -22,12 +22,14 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.backtest import (
+    CONFIGS,
     RESULTS,
     SYNTHETIC,
     hardware,
     prepare,
     produced_by,
     provenance_line,
+    update_run_config,
 )
 from smlrec import coldtrack as ct
 from smlrec.backtest import _jsonable, auto_jobs
@@ -36,8 +38,6 @@ from smlrec.data.store import read_periods
 from smlrec.data.synthetic import write_synthetic
 from smlrec.device import configure_threads, pick_device
 from smlrec.side import load_side_tables
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 # Configurations tried (chosen on validation periods; see the module doc of smlrec.melu,
 # smlrec.two_tower and smlrec.selector for what each field does). MeLU: the defaults and
@@ -101,23 +101,16 @@ def write_cold_config(name: str, cfg: ct.ColdTrackConfig, summary: dict) -> Path
     primary support size) to configs/<name>.yaml, the daily run's configuration."""
     from smlrec.config import ColdConfig
 
-    path = CONFIGS / f"{name}.yaml"
-    text = path.read_text()
-    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
-    conf = DailyConfig.load(str(path))
     pick = summary["tracks"][f"cold@{cfg.primary_support}"]["melu"]["variant"]
     cold = ColdConfig(melu=cfg.melu[int(pick["config"])], blend=float(pick["blend"]),
                       support=cfg.primary_support, pretrain_epochs=cfg.melu_pretrain_epochs,
                       epochs=cfg.melu_epochs, replay=cfg.melu_replay,
                       max_support=max(cfg.n_support), recent=cfg.recent)
-    selection = {**conf.selection, "cold": {
+    return update_run_config(name, "cold", cold, {
         "chosen_on": "validation periods, cold users with a support of "
                      f"{cfg.primary_support}, mean NDCG@20 over seeds",
         "figures": {m: {"val_ndcg@20": e["val_ndcg@20"], "test_ndcg@20": e["ndcg@20"]}
-                    for m, e in summary["tracks"][f"cold@{cfg.primary_support}"].items()}}}
-    conf = conf.model_copy(update={"cold": cold, "selection": selection})
-    path.write_text(header + conf.to_yaml())
-    return path
+                    for m, e in summary["tracks"][f"cold@{cfg.primary_support}"].items()}})
 
 
 def markdown(out: dict) -> str:

@@ -30,7 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.backtest import CONFIGS, RESULTS, hardware, prepare, produced_by, provenance_line
+from benchmarks.backtest import (
+    CONFIGS,
+    RESULTS,
+    hardware,
+    prepare,
+    produced_by,
+    provenance_line,
+    update_run_config,
+)
 from smlrec import metrics
 from smlrec import online as ol
 from smlrec.backtest import IndexedPeriods, Split, _jsonable, auto_jobs, index_periods, mean_sd
@@ -381,22 +389,15 @@ def write_freshness_config(summary: dict) -> Path:
     benchmark writes ``cold``)."""
     from smlrec.config import FreshnessConfig
 
-    path = CONFIGS / f"{DATASET}.yaml"
-    text = path.read_text()
-    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
-    conf = DailyConfig.load(str(path))
     c = summary["chosen"]
     fresh = FreshnessConfig(user_update=c["user_update"], ftrl=c["ftrl"],
                             chosen_on=f"{c['chosen_on']} ({', '.join(map(str, summary['seeds']))})"
                             f", prequential replay of {', '.join(summary['periods']['val'])}")
-    selection = {**conf.selection, "freshness": {
+    return update_run_config(DATASET, "freshness", fresh, {
         "chosen_on": fresh.chosen_on,
         "figures": {arm: {"val_ndcg@20": summary["val"][arm]["all"][PRIMARY],
                           "test_ndcg@20": summary["test"][arm]["all"][PRIMARY]}
-                    for arm in summary["test"]}}}
-    conf = conf.model_copy(update={"freshness": fresh, "selection": selection})
-    path.write_text(header + conf.to_yaml())
-    return path
+                    for arm in summary["test"]}})
 
 
 def main() -> None:
