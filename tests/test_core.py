@@ -75,6 +75,32 @@ def test_transfer_variants_start_as_fine_tuning_or_a_gate():
         TransferNet(8, kind="magic")
 
 
+@pytest.mark.parametrize("kind", ["official", "residual", "gated"])
+def test_fast_transfer_equals_the_layer_by_layer_network(kind):
+    """The fused form (matrix products, k folded into the weights) is the same function as
+    the convolutions with unfused GELUs: outputs and every gradient agree."""
+    gen = torch.Generator().manual_seed(3)
+    net = TransferNet(16, hidden=32, kind=kind, generator=gen)
+    with torch.no_grad():  # non-zero last layer and gate, so every parameter matters
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    a = torch.randn(9, 16, generator=gen)
+    b = torch.randn(9, 16, generator=gen)
+    a[0] = 0  # a new id
+    grads = []
+    for fn in (net, net.reference):
+        net.zero_grad()
+        bb = b.clone().requires_grad_(True)
+        out = fn(a, bb)
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), bb.grad, [p.grad.clone() for p in net.parameters()]))
+    (o1, b1, p1), (o2, b2, p2) = grads
+    assert torch.allclose(o1, o2, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(b1, b2, atol=1e-5, rtol=1e-4)
+    for x, y in zip(p1, p2, strict=True):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
+
+
 def test_building_theta_never_draws_from_the_global_random_stream():
     before = torch.random.get_rng_state()
     a = Transfer(8, generator=torch.Generator().manual_seed(5))
