@@ -46,10 +46,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
-class RecommendRequest(_Strict):
-    """Top-k recommendations for one user."""
+MAX_USERS = 1000
+"""Most users one ``/recommend`` body may carry (``users``)."""
+
+
+class BatchUser(_Strict):
+    """One user of a batched ``/recommend`` body."""
 
     user_id: Id = Field(description="The user's raw id, as in the interaction data.")
+    recent_items: list[Id] | None = Field(
+        None, max_length=MAX_LIST, description="As recent_items of a one-user body.")
+
+
+class RecommendRequest(_Strict):
+    """Top-k recommendations for one user (``user_id``) or for many (``users``: ranked
+    together, one matrix product per served model; the answer is ``{"results": [...]}``,
+    one one-user answer per user, in order)."""
+
+    user_id: Id | None = Field(None, description="The user's raw id, as in the interaction "
+                               "data (send user_id or users).")
+    users: list[BatchUser] | None = Field(
+        None, min_length=1, max_length=MAX_USERS, description=f"Up to {MAX_USERS} users, "
+        "each with optional recent_items, answered in one call (send user_id or users).")
     k: K = 10
     exclude_seen: bool = Field(
         True, description="Leave out items the user is known to have interacted with: the "
@@ -57,7 +75,24 @@ class RecommendRequest(_Strict):
         "items in it.")
     recent_items: list[Id] | None = Field(
         None, max_length=MAX_LIST, description="Items the user interacted with recently, newest "
-        "first. For a user the model does not know, their mean embedding is the user's.")
+        "first. For a user the model does not know, their mean embedding is the user's. With "
+        "users, give each user's recent_items in its entry.")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RecommendRequest:
+        if (self.user_id is None) == (self.users is None):
+            raise ValueError("send user_id (one user) or users (a list), exactly one of them")
+        if self.users is not None and self.recent_items is not None:
+            raise ValueError("recent_items goes into each entry of users, not beside them")
+        return self
+
+    def one_user_requests(self) -> list[RecommendRequest]:
+        """The body as one-user requests (itself when it is one)."""
+        if self.users is None:
+            return [self]
+        return [RecommendRequest.model_construct(
+            user_id=u.user_id, users=None, k=self.k, exclude_seen=self.exclude_seen,
+            recent_items=u.recent_items) for u in self.users]
 
 
 class ServedBy(BaseModel):
@@ -84,6 +119,12 @@ class RecommendResponse(BaseModel):
     ignored_items: list[str] = Field(
         default_factory=list, description="recent_items that were not used: ids the serving "
         "model does not know (all of them while no model is served).")
+
+
+class RecommendBatchResponse(BaseModel):
+    """The answer to a ``users`` body: one answer per user, in the body's order."""
+
+    results: list[RecommendResponse]
 
 
 class ScoreRequest(_Strict):

@@ -4,7 +4,9 @@ Start it with ``make serve`` (``bentoml serve serving.service:Recommender``, 127
 Endpoints (all POST with a JSON body; the OpenAPI page is at ``/docs``, its document at
 ``/docs.json``; ``serving/http.py`` says what they add to BentoML's):
 
-- ``/recommend`` {user_id, k, exclude_seen, recent_items?}: top-k items;
+- ``/recommend`` {user_id, k, exclude_seen, recent_items?}: top-k items; or {users: [{user_id,
+  recent_items?}, ...], k, exclude_seen}: up to 1,000 users ranked together (one matrix product
+  per served model), answered as {results: [...]};
 - ``/score`` {user_id, item_ids, recent_items?}: scores of given items;
 - ``/similar_items`` {item_id, k}: nearest items by cosine similarity of embeddings;
 - ``/feedback`` {user_id, item_id, timestamp?, rating?} or {events: [...]}: events written
@@ -66,6 +68,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import bentoml
@@ -82,10 +85,13 @@ from serving.schemas import (
     MAX_ID_LENGTH,
     MAX_K,
     MAX_LIST,
+    MAX_USERS,
+    BatchUser,
     Empty,
     FeedbackRequest,
     FeedbackResponse,
     Metadata,
+    RecommendBatchResponse,
     RecommendRequest,
     RecommendResponse,
     ReloadResponse,
@@ -372,20 +378,33 @@ class Recommender:
 
     async def _state(self, user_id: str, needed: bool = True
                      ) -> tuple[UserState | None, list[str]]:
-        """The user's fresh state and every recent item known of them (their feedback's
-        first, then the daily view's): from Feast, in a thread, else (or when the read
-        fails) this worker's memory. ``needed`` False (nothing in the answer can use them):
-        no read, (None, [])."""
-        if not needed:
-            return None, []
-        state, daily = self.states.local(user_id), []
-        if self.features is not None:
+        """The user's fresh state and every recent item known of them (see :meth:`_states`);
+        ``needed`` False (nothing in the answer can use them): no read, (None, [])."""
+        return (await self._states([user_id], [needed]))[0]
+
+    async def _states(self, user_ids: Sequence[str], needed: Sequence[bool]
+                      ) -> list[tuple[UserState | None, list[str]]]:
+        """Each user's fresh state and every recent item known of them (their feedback's
+        first, then the daily view's): from Feast, in one read in a thread, else (or when
+        the read fails) this worker's memory. Users not ``needed``: no read, (None, [])."""
+        wanted = [u for u, n in zip(user_ids, needed, strict=True) if n]
+        read: dict[str, tuple[UserState | None, list[str]]] = {
+            u: (self.states.local(u), []) for u in wanted}
+        if self.features is not None and wanted:
             try:
-                state, daily = (await asyncio.to_thread(self.states.read, [user_id]))[0]
+                read.update(zip(wanted, await asyncio.to_thread(self.states.read, wanted),
+                                strict=True))
             except Exception as exc:  # noqa: BLE001 - a lookup failure degrades, never fails
                 log.warning("Feast user state read failed: %s", exc)
-        return state, list(merge_recent(state.recent if state else (), daily,
-                                        limit=self.updater.history))
+        out: list[tuple[UserState | None, list[str]]] = []
+        for u, n in zip(user_ids, needed, strict=True):
+            if not n:
+                out.append((None, []))
+                continue
+            state, daily = read[u]
+            out.append((state, list(merge_recent(state.recent if state else (), daily,
+                                                 limit=self.updater.history))))
+        return out
 
     def _events(self, req: FeedbackRequest) -> list[Event]:
         """The request's events, checked against the clock and the rating range (400)."""
@@ -449,43 +468,98 @@ class Recommender:
 
     @bentoml.api(route="/recommend", input_spec=RecommendRequest,
                  output_spec=RecommendResponse)
-    async def recommend(self, **request: Any) -> RecommendResponse | JSONResponse:
-        """Top-k items for a user. Users the model does not know get an embedding from their
-        recent items (request, else Feast), else the most popular items."""
+    async def recommend(self, **request: Any
+                        ) -> RecommendResponse | RecommendBatchResponse | JSONResponse:
+        """Top-k items for a user (``user_id``), or for many (``users``: one Feast read and
+        one matrix product per served model for all of them; the answer is ``{"results":
+        [...]}`` in the body's order). Users the model does not know get an embedding from
+        their recent items (request, else Feast), else the most popular items."""
         try:
-            return await self._recommend(RecommendRequest.model_construct(**request))
+            if request.get("users") is None:
+                return await self._recommend(RecommendRequest.model_construct(**request))
+            users = [u if isinstance(u, BatchUser) else BatchUser.model_validate(u)
+                     for u in request["users"]]
+            req = RecommendRequest.model_construct(**{**request, "users": users})
+            batch = RecommendBatchResponse(results=await self._recommend_many(
+                req.one_user_requests()))
+            # The body's own schema (the route's output_spec is the one-user answer).
+            return JSONResponse(batch.model_dump(mode="json"))
         except RequestError as exc:
             return exc.response()
 
-    async def _recommend(self, req: RecommendRequest) -> RecommendResponse:
-        model = self._model_for(req.user_id)
+    def _needs_state(self, model: ServedModel | None, req: RecommendRequest) -> bool:
+        """Whether the user's online state or recent items can change the answer."""
         known = model is not None and model.user_row(req.user_id) is not None
-        state, feast_recent = await self._state(req.user_id, self.updater.enabled
-                                                or req.exclude_seen
-                                                or not (known or req.recent_items))
+        return self.updater.enabled or req.exclude_seen or not (known or req.recent_items)
+
+    async def _plan(self, req: RecommendRequest, state: UserState | None,
+                    feast_recent: list[str]) -> _Plan:
+        """How one user is answered: the model, query vector (None: popular items), path,
+        the recent items not used and the item rows to leave out."""
+        model = self._model_for(req.user_id)
         query, path, ignored = (
             (None, "popular", list(req.recent_items or [])) if model is None
             else await self._query(model, req.user_id, req.recent_items, feast_recent, state))
         seen = set(req.recent_items or []) | set(feast_recent or []) if req.exclude_seen else set()
-        if query is None or model is None:
-            popular = await self._feast("popular_items", req.k + len(seen)) or next(
-                (m.popular for m in (model, self.models.candidate) if m and m.popular), [])
-            items = [v for v in popular if v not in seen][: req.k]
-            served = _served_by(model) if model else ServedBy(stage="popularity",
-                                                               version="popularity", period="")
-            return RecommendResponse(
-                user_id=req.user_id, items=items, scores=[1.0 / (r + 1) for r in
-                                                          range(len(items))],
-                model=served, path="popular", fallback=True, ignored_items=ignored)
-        exclude, _ = model.item_rows(sorted(seen))
-        if path == "melu":  # the query is already every item's score
-            top = model.top_of(query, req.k, exclude)
-        else:
-            top = await self.batcher.submit((model, query, req.k, exclude))
+        exclude = model.item_rows(sorted(seen))[0] if model is not None and seen else []
+        return _Plan(req, model, query, path, ignored, seen, exclude)
+
+    async def _popular(self, plan: _Plan) -> RecommendResponse:
+        req, model = plan.req, plan.model
+        popular = await self._feast("popular_items", req.k + len(plan.seen)) or next(
+            (m.popular for m in (model, self.models.candidate) if m and m.popular), [])
+        items = [v for v in popular if v not in plan.seen][: req.k]
+        served = _served_by(model) if model else ServedBy(stage="popularity",
+                                                           version="popularity", period="")
         return RecommendResponse(
-            user_id=req.user_id, items=[model.item_ids[r] for r in top.rows], scores=top.scores,
-            model=_served_by(model), path=path, fallback=path not in ("user", "fresh"),
-            ignored_items=ignored)
+            user_id=req.user_id, items=items, scores=[1.0 / (r + 1) for r in range(len(items))],
+            model=served, path="popular", fallback=True, ignored_items=plan.ignored)
+
+    @staticmethod
+    def _answer(plan: _Plan, top: TopK) -> RecommendResponse:
+        model = plan.model
+        assert model is not None
+        return RecommendResponse(
+            user_id=plan.req.user_id, items=[model.item_ids[r] for r in top.rows],
+            scores=top.scores, model=_served_by(model), path=plan.path,
+            fallback=plan.path not in ("user", "fresh"), ignored_items=plan.ignored)
+
+    async def _recommend(self, req: RecommendRequest) -> RecommendResponse:
+        state, feast_recent = await self._state(
+            req.user_id, self._needs_state(self._model_for(req.user_id), req))
+        plan = await self._plan(req, state, feast_recent)
+        if plan.query is None or plan.model is None:
+            return await self._popular(plan)
+        if plan.path == "melu":  # the query is already every item's score
+            top = plan.model.top_of(plan.query, req.k, plan.exclude)
+        else:
+            top = await self.batcher.submit((plan.model, plan.query, req.k, plan.exclude))
+        return self._answer(plan, top)
+
+    async def _recommend_many(self, reqs: list[RecommendRequest]) -> list[RecommendResponse]:
+        """Many users at once: their states in one online read, new users' MeLU adaptations
+        micro-batched together, and one top-k per served model for every ranked user (in a
+        thread: a large product must not hold up the event loop)."""
+        needed = [self._needs_state(self._model_for(r.user_id), r) for r in reqs]
+        states = await self._states([r.user_id for r in reqs], needed)
+        plans = await asyncio.gather(*(self._plan(r, *st) for r, st in
+                                       zip(reqs, states, strict=True)))
+        ranked = [i for i, p in enumerate(plans)
+                  if p.query is not None and p.model is not None and p.path != "melu"]
+        tops = await asyncio.to_thread(_rank_batch, [
+            (plans[i].model, plans[i].query, plans[i].req.k, plans[i].exclude)
+            for i in ranked]) if ranked else []
+        top_of = dict(zip(ranked, tops, strict=True))
+        out = []
+        for i, plan in enumerate(plans):
+            if plan.query is None or plan.model is None:
+                out.append(await self._popular(plan))
+            elif i in top_of:
+                out.append(self._answer(plan, top_of[i]))
+            else:  # melu: the query is every item's score
+                out.append(self._answer(plan, plan.model.top_of(plan.query, plan.req.k,
+                                                                plan.exclude)))
+        return out
 
     @bentoml.api(route="/score", input_spec=ScoreRequest, output_spec=ScoreResponse)
     async def score(self, **request: Any) -> ScoreResponse | JSONResponse:
@@ -580,8 +654,8 @@ class Recommender:
             device=str(self.device),
             feedback={"log": self.log.describe() if self.log else None,
                       "error": self.log_error, "user_updates": self.updater.describe()},
-            limits={"max_k": MAX_K, "max_list": MAX_LIST, "max_id_length": MAX_ID_LENGTH,
-                    "max_body_bytes": self.config.max_body_bytes})
+            limits={"max_k": MAX_K, "max_list": MAX_LIST, "max_users": MAX_USERS,
+                    "max_id_length": MAX_ID_LENGTH, "max_body_bytes": self.config.max_body_bytes})
 
     @bentoml.api(route="/reload", input_spec=Empty, output_spec=ReloadResponse)
     def reload(self) -> ReloadResponse:
@@ -596,6 +670,19 @@ class Recommender:
 
 Recommender.add_asgi_middleware(BodyLimit, max_bytes=CONFIG.max_body_bytes)
 Recommender.add_asgi_middleware(ApiFront)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one user of a /recommend body is answered (see ``Recommender._plan``)."""
+
+    req: RecommendRequest
+    model: ServedModel | None
+    query: torch.Tensor | None
+    path: str
+    ignored: list[str]
+    seen: set[str]
+    exclude: list[int]
 
 
 def _melu_batch(jobs: list[tuple[ServedModel, str, list[int]]]) -> list[torch.Tensor]:

@@ -284,6 +284,27 @@ def test_nothing_known_gives_popular_items_from_feast(server: Server, client) ->
     assert got["path"] == "recent_items"
 
 
+def test_a_users_body_answers_each_user_as_a_one_user_body_would(server: Server) -> None:
+    """Known users of both stages, a new user with recent items, one known to Feast and one
+    nobody knows, in one body: each answer equals the one-user answer, in the body's order."""
+    entries = [{"user_id": u} for u in USERS[:12]] + [
+        {"user_id": "new-batch", "recent_items": ["i3", "i10", "not-an-item"]},
+        {"user_id": FEAST_USER}, {"user_id": "nobody-knows-me"}, {"user_id": USERS[0]}]
+    r = server.post("/recommend", {"users": entries, "k": 7, "exclude_seen": True})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [a["user_id"] for a in results] == [e["user_id"] for e in entries]
+    for entry, got in zip(entries, results, strict=True):
+        one = server.post("/recommend", {**entry, "k": 7, "exclude_seen": True}).json()
+        # The same answer; scores to float rounding (one product for many rows sums in
+        # another order than one for a single row).
+        np.testing.assert_allclose(got.pop("scores"), one.pop("scores"), rtol=1e-5)
+        assert got == one, entry
+    assert {a["path"] for a in results} >= {"user", "recent_items", "feast_recent_items",
+                                              "popular"}
+    assert {a["model"]["stage"] for a in results} == {"production", "candidate"}
+
+
 def test_score_and_similar_items(server: Server, client) -> None:
     user = next(u for u in USERS if _stage(u) == "production")
     got = client.score(user_id=user, item_ids=["i1", "i2", "i1"])
@@ -337,6 +358,13 @@ BAD = [
     ("/recommend", {"user_id": "u1", "recent_items": [1, 2]}, "recent_items not strings"),
     ("/recommend", {"user_id": "u1", "recent_items": ["i1"] * 1001}, "recent_items too long"),
     ("/recommend", {"user_id": "u1", "colour": "red"}, "unknown field"),
+    ("/recommend", {"users": []}, "users empty"),
+    ("/recommend", {"users": ["u1"]}, "users entry not an object"),
+    ("/recommend", {"users": [{"user_id": "u1"}], "user_id": "u1"}, "user_id beside users"),
+    ("/recommend", {"users": [{"user_id": "u1"}], "recent_items": ["i1"]},
+     "recent_items beside users"),
+    ("/recommend", {"users": [{"user_id": "u1", "k": 3}]}, "unknown field in a users entry"),
+    ("/recommend", {"users": [{"user_id": f"u{i}"} for i in range(1001)]}, "users too many"),
     ("/score", {"user_id": "u1", "item_ids": []}, "empty item list"),
     ("/score", {"user_id": "u1", "item_ids": ["i1", "nope", "nada"]}, "unknown item ids"),
     ("/score", {"user_id": "u1", "item_ids": ["i1"] * 1001}, "item list too long"),
