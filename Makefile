@@ -44,6 +44,7 @@ serve: setup
 	SMLREC_FEATURE_REPO=$${SMLREC_FEATURE_REPO:-$(CURDIR)/feature_repo} \
 	SMLREC_FEATURE_DATA=$${SMLREC_FEATURE_DATA:-$(CURDIR)/runs/state/features} \
 	SMLREC_DATA_URI=$${SMLREC_DATA_URI:-$(CURDIR)/data/ml-100k} \
+	SMLREC_WORKERS=$${SMLREC_WORKERS:-auto} \
 	$(VENV)/bin/bentoml serve serving.service:Recommender --host $(SERVE_HOST) --port $(SERVE_PORT)
 
 ## A Bento of the prediction API (offline: requirements from pyproject.toml, no locking).

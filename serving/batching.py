@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -149,3 +152,43 @@ def by_model(jobs: Sequence[tuple], run: Callable[[Any, list[tuple]], Sequence[A
         for i, answer in zip(idx, answers, strict=True):
             out[i] = answer
     return out
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class TTLCache(Generic[K, V]):
+    """A thread-safe map whose entries expire ``ttl`` seconds after they were put, holding
+    at most ``maxsize`` of them (the least recently used goes first). ``ttl`` 0 keeps
+    nothing."""
+
+    def __init__(self, ttl: float, maxsize: int):
+        self.ttl, self.maxsize = ttl, maxsize
+        self._items: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is None or entry[0] <= time.monotonic():
+                if entry is not None:
+                    del self._items[key]
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return entry[1]
+
+    def put(self, key: K, value: V) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            self._items[key] = (time.monotonic() + self.ttl, value)
+            self._items.move_to_end(key)
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -25,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from serving.limits import ASGIApp, Message, Receive, Scope, Send
+from serving.schemas import FORM_ERROR
 
 DOCS_PATH = "/docs"
 SPEC_PATH = "/docs.json"
@@ -157,7 +158,9 @@ def readable_error(errors: list[dict[str, Any]]) -> tuple[str, str]:
     first = errors[0]
     kind, msg = first.get("type", ""), str(first.get("msg", "invalid")).rstrip(".")
     field = _field(first.get("loc") or [])
-    if kind == "json_invalid":
+    if kind == FORM_ERROR and not field:  # a rule over several fields, named first
+        field, sentence = msg.split(" ", 1)[0], msg
+    elif kind == "json_invalid":
         reason = msg.removeprefix("Invalid JSON: ")
         sentence = f"the body is not valid JSON ({reason})"
     elif not field:
@@ -189,6 +192,8 @@ def _rewrite_error(body: bytes) -> bytes:
         field, sentence = readable_error(errors)
         detail = [{k: v for k, v in d.items() if k != "url"} if isinstance(d, dict) else d
                   for d in errors]
+        if field and isinstance(detail[0], dict) and not detail[0].get("loc"):
+            detail[0]["loc"] = [field]  # a rule over several fields: the one it names
         payload = {"error": sentence, **({"field": field} if field else {}), "detail": detail}
     return json.dumps(payload).encode()
 

@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 MAX_K = 1000
 """Largest ``k`` a request may ask for."""
@@ -46,6 +47,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
+FORM_ERROR = "body_form"
+"""The error type of a rule over several fields; its message starts with the field named."""
 MAX_USERS = 1000
 """Most users one ``/recommend`` body may carry (``users``)."""
 
@@ -80,10 +83,15 @@ class RecommendRequest(_Strict):
 
     @model_validator(mode="after")
     def _one_form(self) -> RecommendRequest:
-        if (self.user_id is None) == (self.users is None):
-            raise ValueError("send user_id (one user) or users (a list), exactly one of them")
+        # A FORM_ERROR's message starts with the field the 400 names (serving/http.py).
+        if self.user_id is None and self.users is None:
+            raise PydanticCustomError(FORM_ERROR, "user_id is required (or users, a list)")
+        if self.user_id is not None and self.users is not None:
+            raise PydanticCustomError(FORM_ERROR, "users cannot come with user_id: send one "
+                                      "user or a list")
         if self.users is not None and self.recent_items is not None:
-            raise ValueError("recent_items goes into each entry of users, not beside them")
+            raise PydanticCustomError(FORM_ERROR, "recent_items goes into each entry of "
+                                      "users, not beside them")
         return self
 
     def one_user_requests(self) -> list[RecommendRequest]:

@@ -35,7 +35,12 @@ Configuration, from the environment (read once at start):
                            far shorter latency tails on 2 cores)
 ``SMLREC_ACCESS_LOG``      1: log every request (default 0; it costs throughput)
 ``SMLREC_MAX_BODY_BYTES``  largest request body accepted (default 1 MiB; larger: 413)
-``SMLREC_WORKERS``         worker processes (default 1)
+``SMLREC_WORKERS``         worker processes (default 1; ``auto``: one per CPU core, at
+                           most 8; ``make serve`` uses ``auto``)
+``SMLREC_FEAST_TTL``       seconds a worker keeps the popular items and a user's daily
+                           recent items read from Feast (default 30; 0: read every time).
+                           Both change once per daily run; per-event states are never
+                           cached (a new event shows within the update lag)
 ``SMLREC_DEVICE``          ``auto`` (default: CUDA when present), ``cpu``, ``cuda``
 ``SMLREC_THREADS``         torch CPU threads per worker (default 1)
 ``SMLREC_DATA_URI``        the data store (a local folder): the feedback log goes under
@@ -76,7 +81,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 from starlette.responses import JSONResponse
 
-from serving.batching import MicroBatcher, by_model, describe
+from serving.batching import MicroBatcher, TTLCache, by_model, describe
 from serving.fresh import FIELDS, PUSH_SOURCE, FreshUpdater, UserState, UserStates, merge_recent
 from serving.http import ApiFront, install_log_filter
 from serving.limits import BodyLimit
@@ -123,6 +128,7 @@ class ServingConfig(BaseModel):
     max_batch: int = Field(64, ge=1, le=4096)
     batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
     workers: int = Field(1, ge=1, le=64)
+    feast_ttl: float = Field(30.0, ge=0.0)
     batch_thread: bool = False
     access_log: bool = False
     max_body_bytes: int = Field(1 << 20, ge=1024)
@@ -148,8 +154,15 @@ class ServingConfig(BaseModel):
                  "period_spec": "SMLREC_PERIOD_SPEC", "user_update": "SMLREC_USER_UPDATE",
                  "min_rating": "SMLREC_MIN_RATING", "rating_range": "SMLREC_RATING_RANGE",
                  "max_clock_skew": "SMLREC_MAX_CLOCK_SKEW",
-                 "fresh_max_items": "SMLREC_FRESH_MAX_ITEMS"}
+                 "fresh_max_items": "SMLREC_FRESH_MAX_ITEMS", "feast_ttl": "SMLREC_FEAST_TTL"}
         return cls(**{field: env[var] for field, var in names.items() if env.get(var)})
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return max(1, min(8, len(os.sched_getaffinity(0))))
+        return value
 
     @field_validator("rating_range", mode="before")
     @classmethod
@@ -223,6 +236,10 @@ def _served_by(model: ServedModel) -> ServedBy:
                     strategy=model.info.strategy)
 
 
+def _cache_stats(cache: TTLCache[Any, Any]) -> dict[str, int]:
+    return {"entries": len(cache), "hits": cache.hits, "misses": cache.misses}
+
+
 def _preview(ids: list[str], n: int = 10) -> str:
     shown = ", ".join(repr(v) for v in ids[:n])
     return shown + (f" and {len(ids) - n} more" if len(ids) > n else "")
@@ -243,7 +260,7 @@ class OnlineFeatures:
     RECENT = "recent_items:recent_items"
     POPULAR = "top_items:top_items"  # read by FeatureStoreAdapter.popular_items
 
-    def __init__(self, repo: str, data: str):
+    def __init__(self, repo: str, data: str, ttl: float = 0.0):
         from adapters.feast_store import FeatureStoreAdapter
 
         self.repo, self.data = repo, data
@@ -255,29 +272,47 @@ class OnlineFeatures:
             self.can_push = False
             log.warning("the Feast registry has no user_fresh view yet (the next daily run "
                         "applies it): per-event user states stay in this process")
+        # What the daily run writes (popular items, users' daily recent items) is kept for
+        # ``ttl`` seconds; per-event states are read every time.
+        self.daily: TTLCache[str, list[str]] = TTLCache(ttl, maxsize=100_000)
+        self.popular: TTLCache[str, list[str]] = TTLCache(ttl, maxsize=1)
 
     def popular_items(self, k: int) -> list[str]:
-        return self.adapter.popular_items(k)
+        items = self.popular.get("all")
+        if items is None:
+            items = self.adapter.popular_items(1 << 30)  # the whole stored list
+            self.popular.put("all", items)
+        return items[:k]
 
     def user_states(self, user_ids: Sequence[str]) -> list[tuple[UserState | None, list[str]]]:
         """Each user's fresh state (``user_fresh`` view, pushed per event) and daily recent
-        items, in one online read."""
+        items (from the cache when read within the TTL), in at most one online read."""
         from smlrec.features import split_ids
 
-        refs = [self.RECENT, *(f"user_fresh:{f}" for f in FIELDS if self.can_push)]
-        frame = self.adapter.online_features(user_ids=list(user_ids), features=refs)["user_id"]
+        daily = {u: d for u in user_ids if (d := self.daily.get(u)) is not None}
+        missing = [u for u in dict.fromkeys(user_ids) if u not in daily]
+        fresh = [f"user_fresh:{f}" for f in FIELDS if self.can_push]
+        ask = list(dict.fromkeys(user_ids)) if fresh else missing
+        rows: dict[str, dict[str, Any]] = {}
+        if ask:
+            refs = ([self.RECENT] if missing else []) + fresh
+            frame = self.adapter.online_features(user_ids=ask, features=refs)["user_id"]
+            rows = dict(zip(ask, frame.to_dict("records"), strict=True))
+        for u in missing:
+            daily[u] = split_ids(rows[u][self.RECENT.replace(":", "__")])
+            self.daily.put(u, daily[u])
         out = []
-        for row in frame.to_dict("records"):
-            daily = split_ids(row[self.RECENT.replace(":", "__")])
+        for u in user_ids:
+            row = rows.get(u, {})
             if row.get("user_fresh__model_version") is None:
-                out.append((None, daily))
+                out.append((None, daily[u]))
                 continue
             vector = row.get("user_fresh__embedding")
             out.append((UserState(
                 version=row["user_fresh__model_version"] or "",
                 vector=torch.tensor(vector, dtype=torch.float32) if vector else None,
                 recent=tuple(split_ids(row["user_fresh__recent_items"])),
-                events=int(row.get("user_fresh__events") or 0)), daily))
+                events=int(row.get("user_fresh__events") or 0)), daily[u]))
         return out
 
     def push_states(self, frame: Any) -> None:
@@ -320,7 +355,8 @@ class Recommender:
         self.features_error = ""
         if self.config.feature_repo:
             try:
-                self.features = OnlineFeatures(self.config.feature_repo, self.config.feature_data)
+                self.features = OnlineFeatures(self.config.feature_repo, self.config.feature_data,
+                                               self.config.feast_ttl)
             except Exception as exc:  # noqa: BLE001 - serve without Feast, say so in /metadata
                 self.features_error = f"{type(exc).__name__}: {exc}"
                 log.error("Feast online store unavailable: %s", self.features_error)
@@ -633,7 +669,11 @@ class Recommender:
             "used": [OnlineFeatures.RECENT, OnlineFeatures.POPULAR,
                      *([f"user_fresh:{f}" for f in FIELDS] if self.features.can_push else [])]
             if self.features else [],
-            "repo": self.config.feature_repo, "data": self.config.feature_data}
+            "repo": self.config.feature_repo, "data": self.config.feature_data,
+            "cache": {"ttl_seconds": self.config.feast_ttl,
+                      "daily_recent_items": _cache_stats(self.features.daily),
+                      "popular_items": _cache_stats(self.features.popular)}
+            if self.features else {}}
         decisions = [m.info.decision for m in (production, candidate) if m and m.info.decision]
         last = max(decisions, key=lambda d: str(d.get("recorded_at", "")), default={})
         why = ""

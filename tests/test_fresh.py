@@ -124,3 +124,10 @@ def test_the_service_settings_for_feedback() -> None:
         {"SMLREC_USER_UPDATE": '{"method": "grad", "steps": 2}'}).update_rule().steps == 2
     with pytest.raises(ValidationError, match="low,high"):
         ServingConfig.from_env({"SMLREC_RATING_RANGE": "5"})
+    import os
+
+    auto = ServingConfig.from_env({"SMLREC_WORKERS": "auto", "SMLREC_FEAST_TTL": "2.5"})
+    assert auto.workers == min(8, len(os.sched_getaffinity(0))) and auto.feast_ttl == 2.5
+    assert ServingConfig.from_env({}).workers == 1 and ServingConfig.from_env({}).feast_ttl == 30
+    with pytest.raises(ValidationError):
+        ServingConfig.from_env({"SMLREC_WORKERS": "many"})

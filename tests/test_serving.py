@@ -203,7 +203,9 @@ def test_docs_page_is_offline_titled_and_documents_every_status(server: Server) 
     assert server.post("/recommend", example).status_code == 200  # the example works
 
 
-FIELD_ERRORS = [({"k": 5}, "user_id", "user_id is required"),
+FIELD_ERRORS = [({"k": 5}, "user_id", "user_id is required (or users, a list)"),
+                ({"user_id": "u1", "users": [{"user_id": "u2"}]}, "users",
+                 "users cannot come with user_id: send one user or a list"),
                 ({"user_id": "u1", "k": 0}, "k", "k: input should be greater than or equal to 1"),
                 ({"user_id": "u1", "recent_items": ["i1", 2]}, "recent_items[1]",
                  "recent_items[1]: input should be a valid string"),
@@ -225,7 +227,8 @@ def test_a_400_names_the_field_and_is_logged_as_one_warning_line(server: Server)
         assert time.monotonic() < deadline, server.tail(40)
         time.sleep(0.2)
     log = server.tail(400)
-    assert "client error on /recommend: user_id is required (answered 400)" in log
+    assert "client error on /recommend: user_id is required (or users, a list) (answered 400)" \
+        in log
     assert "[WARNING]" in log and "Exception on /recommend" not in log
     assert "ValidationError" not in log, log[-2000:]
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from serving.batching import MicroBatcher
+from serving.batching import MicroBatcher, TTLCache
 from serving.model import ModelInfo, ServedModel, canary_bucket
 from serving.sources import LiveModels, ModelRef
 from smlrec.io import save_bundle
@@ -105,6 +105,23 @@ def test_micro_batcher_batches_concurrent_jobs_and_isolates_errors(threaded: boo
     assert max(calls) > 1 and all(c <= 8 for c in calls) and sum(calls) == 21
     assert batcher.stats.jobs == 21 and batcher.stats.largest == max(calls)
     batcher.close()
+
+
+def test_ttl_cache_expires_bounds_its_size_and_ttl_zero_keeps_nothing(monkeypatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("serving.batching.time.monotonic", lambda: now[0])
+    cache: TTLCache[str, int] = TTLCache(ttl=5.0, maxsize=2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recently used
+    cache.put("c", 3)  # over maxsize: b, the least recently used, goes
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
+    now[0] += 5.0
+    assert cache.get("a") is None and len(cache) == 1  # expired, dropped when asked
+    assert (cache.hits, cache.misses) == (3, 2)
+    off: TTLCache[str, int] = TTLCache(ttl=0.0, maxsize=10)
+    off.put("a", 1)
+    assert off.get("a") is None and len(off) == 0
 
 
 def test_live_models_swap_keeps_serving_when_a_version_fails_to_load() -> None:
