@@ -1,8 +1,12 @@
 """Serving benchmark: the in-process top-k ceiling against the HTTP service, in one run.
 
 For each catalogue size (default 1,700 / 100,000 / 1,000,000 items; d = 64; 10,000 users)
-a model of *random* float32 embeddings (N(0, 1/d)) is built. The values are not a trained
-model's, which does not matter here: the cost of a top-k is the same for any values.
+a model of synthetic float32 embeddings is built: by default *clustered* (users and items
+scattered around 1,024 shared centres, each N(0, 1/d), with N(0, 1/d) noise: grouped as
+trained embeddings are), or ``--embeddings random`` (plain N(0, 1/d)). The cost of exact
+top-k is the same for any values; an approximate index's is not: isotropic random vectors are
+its worst case (at 1,000,000 items an IVF index reached recall@10 0.91 only when probing a
+quarter of its lists, slower than exact search), where the packaging gate refuses the index.
 
 1. In-process ceiling: ``ServedModel.topk`` (the code the service runs) on batches of 1, 8
    and 32 user vectors, k = 10, each for a fixed time (``--inproc-duration``, 3 s), on the
@@ -24,8 +28,19 @@ model's, which does not matter here: the cost of a top-k is the same for any val
 3. The cold path (``--no-cold`` skips it, ``--cold-only`` runs only it): users the model
    does not know, each with 3 recent items, answered by MeLU adapted per request (path
    ``melu``), at concurrency 1 and 8, on MovieLens-100k's items and side features.
-4. Targets: HTTP requests/s at concurrency 32 at least 0.5x the in-process queries/s at
-   batch 32, and p99 under 50 ms at 100,000 items. Both verdicts are written as measured.
+4. Approximate top-k (``--methods exact,ann``, both by default): where a size reaches the
+   index threshold (``SMLREC_ANN_MIN_ITEMS``, 50,000), packaging builds and gates a FAISS
+   index (``smlrec.ann``) and ships it in the model. Its report (kind, parameters,
+   recall@10/@100 on sampled users, latency, build time), the in-process ceiling with the
+   index (the packaged model loaded back) and HTTP rows from a server answering through it
+   are written in each size's ``ann`` section; the exact HTTP rows come from a server with
+   ``SMLREC_ANN=off``. Rows carry ``method: exact|ann``. An index the gate refuses is
+   recorded as refused, and the size is packaged again without one for the exact rows.
+5. Targets: HTTP requests/s at concurrency 32 at least 0.5x the in-process queries/s at
+   batch 32, and p99 under 50 ms at 100,000 items (exact search); with the index, at
+   100,000 items HTTP at concurrency 32 at least 0.5x the index's in-process ceiling at
+   batch 32 with p99 at most 50 ms, and at 1,000,000 items at least 500 requests/s with
+   recall@10 at least 0.95. The verdicts are written as measured.
 
 The load generator runs on the same machine: what it uses (the "client CPU" column) is
 taken from the server on a small machine. Results: ``serving.md`` and ``serving.json`` under
@@ -35,6 +50,8 @@ and the date. Reproduce:
     python -m benchmarks.serving                                  # full run, ~4 min
     python -m benchmarks.serving --sizes 1700 --duration 2 --out /tmp/x    # smoke run
     python -m benchmarks.serving --workers 2                      # SMLREC_WORKERS=2
+    python -m benchmarks.serving --sizes 100000 --methods ann --duration 2 --no-cold \
+        --out /tmp/x                                              # the index only, smoke
 """
 
 from __future__ import annotations
@@ -64,6 +81,7 @@ import torch
 
 from benchmarks.backtest import RESULTS, hardware, produced_by
 from serving.model import ModelInfo, ServedModel
+from smlrec import ann
 from smlrec.device import configure_threads, pick_device
 from smlrec.registry import StateStore
 from smlrec.vocab import Vocab
@@ -75,6 +93,11 @@ PERIOD = "2026-01-01"
 RATIO_TARGET = 0.5  # HTTP req/s over in-process q/s, at the same concurrency / batch size
 P99_TARGET_MS = 50.0
 P99_TARGET_ITEMS = 100_000
+ANN_RATE_TARGET = 500.0  # HTTP req/s with the index at ANN_RATE_ITEMS items
+ANN_RATE_ITEMS = 1_000_000
+ANN_RECALL_TARGET = 0.95  # recall@10 of the index (its packaging report)
+METHODS = ("exact", "ann")
+CLUSTERS = 1024
 READY_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 30.0
 PACKAGE = ("import sys\n"
@@ -102,19 +125,26 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 # ---------------------------------------------------------------------- the model
 
 
-def make_model(n_users: int, n_items: int, dim: int, seed: int
+def make_model(n_users: int, n_items: int, dim: int, seed: int, embeddings: str = "random"
                ) -> tuple[torch.Tensor, torch.Tensor, Vocab, Vocab]:
-    """Random N(0, 1/d) float32 embeddings and ids ``u0..``, ``i0..``."""
+    """Float32 embeddings and ids ``u0..``, ``i0..``: ``random`` N(0, 1/d), or ``clustered``
+    (each row a random one of ``CLUSTERS`` N(0, 1/d) centres plus N(0, 1/d) noise)."""
     gen = torch.Generator().manual_seed(seed)
     scale = dim ** -0.5
     user = torch.randn(n_users, dim, generator=gen) * scale
     item = torch.randn(n_items, dim, generator=gen) * scale
+    if embeddings == "clustered":
+        centres = torch.randn(CLUSTERS, dim, generator=gen) * scale
+        user += centres[torch.randint(0, CLUSTERS, (n_users,), generator=gen)]
+        item += centres[torch.randint(0, CLUSTERS, (n_items,), generator=gen)]
+    elif embeddings != "random":
+        raise ValueError(f"embeddings must be random or clustered, not {embeddings!r}")
     return (user, item, Vocab(f"u{i}" for i in range(n_users)),
             Vocab(f"i{i}" for i in range(n_items)))
 
 
 def bench_inprocess(model: ServedModel, batches: list[int], k: int, seconds: float,
-                    seed: int) -> list[dict[str, Any]]:
+                    seed: int, method: str = "exact") -> list[dict[str, Any]]:
     """``model.topk`` on (B, d) batches of user vectors for ``seconds`` per batch size."""
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -137,7 +167,7 @@ def bench_inprocess(model: ServedModel, batches: list[int], k: int, seconds: flo
             now = time.perf_counter()
             lat.append((now - t0) * 1000)
         elapsed = now - start
-        out.append({"batch": b, "calls": len(lat), "queries": len(lat) * b,
+        out.append({"method": method, "batch": b, "calls": len(lat), "queries": len(lat) * b,
                     "seconds": elapsed, "queries_per_s": len(lat) * b / elapsed,
                     "batch_latency_ms": _pcts(lat)})
     return out
@@ -162,10 +192,13 @@ def build_state(root: Path, user: torch.Tensor, item: torch.Tensor, users: Vocab
     return store.uri
 
 
-def package_model(state_uri: str, bentoml_home: Path) -> str:
+def package_model(state_uri: str, bentoml_home: Path,
+                  extra_env: dict[str, str] | None = None) -> str:
     """``components.packaging.package`` in a child process, so that BentoML reads this
-    ``BENTOML_HOME`` (it is fixed at import). Returns the model tag."""
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true"}
+    ``BENTOML_HOME`` (it is fixed at import), with ``extra_env`` added to this process's
+    environment. Returns the model tag."""
+    env = {**os.environ, **(extra_env or {}), "BENTOML_HOME": str(bentoml_home),
+           "BENTOML_DO_NOT_TRACK": "true"}
     proc = subprocess.run([sys.executable, "-c", PACKAGE, state_uri], cwd=REPO, env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -177,7 +210,7 @@ class Server:
     """``bentoml serve serving.service:Recommender`` on 127.0.0.1, in its own session."""
 
     def __init__(self, bentoml_home: Path, workers: int, log_path: Path,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, extra_env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -185,8 +218,8 @@ class Server:
             env = {**os.environ, "SMLREC_MODEL_SOURCE": "bentoml", "SMLREC_CANARY_SHARE": "0",
                    "SMLREC_RELOAD_SECONDS": "0"}
             env.pop("SMLREC_FEATURE_REPO", None)  # no Feast: the model's own path only
-        self.env = {**env, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true",
-                    "SMLREC_WORKERS": str(workers)}
+        self.env = {**env, **(extra_env or {}), "BENTOML_HOME": str(bentoml_home),
+                    "BENTOML_DO_NOT_TRACK": "true", "SMLREC_WORKERS": str(workers)}
         if not (self.env.get("SMLREC_FEEDBACK_LOG") or self.env.get("SMLREC_DATA_URI")):
             # /feedback's log beside the BentoML home, never in the working directory
             self.env["SMLREC_FEEDBACK_LOG"] = str(Path(bentoml_home).parent / "feedback")
@@ -424,16 +457,14 @@ def run_size(n_items: int, args: argparse.Namespace, device: torch.device,
              loadgen: ProcessPoolExecutor) -> dict[str, Any]:
     label = f"[{n_items:,} items]"
     t0 = time.perf_counter()
-    user, item, users, items = make_model(args.users, n_items, args.dim, args.seed)
+    user, item, users, items = make_model(args.users, n_items, args.dim, args.seed,
+                                          args.embeddings)
     info = ModelInfo(stage="production", version="benchmark", period=PERIOD)
     model = ServedModel(user, item, users, items, info, device=device)
-    print(f"{label} random model built in {time.perf_counter() - t0:.1f} s; "
+    print(f"{label} {args.embeddings} model built in {time.perf_counter() - t0:.1f} s; "
           f"in-process top-k on {device}, {torch.get_num_threads()} thread(s)", flush=True)
     inproc = bench_inprocess(model, args.batches, args.k, args.inproc_duration, args.seed)
-    for r in inproc:
-        lat = r["batch_latency_ms"]
-        print(f"{label} in-process batch {r['batch']:>3}: {r['queries_per_s']:>10,.0f} q/s, "
-              f"batch latency p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms", flush=True)
+    _print_inprocess(label, "exact", inproc)
     probe = [f"u{i}" for i in range(3)]
     expected = {u: [model.item_ids[r] for r in top.rows] for u, top in zip(
         probe, model.topk(model.user[: len(probe)], [args.k] * len(probe)), strict=True)}
@@ -448,48 +479,111 @@ def run_size(n_items: int, args: argparse.Namespace, device: torch.device,
         state_uri = build_state(work / "state", user, item, users, items)
         del user, item, users, items
         gc.collect()
-        tag = package_model(state_uri, work / "bentoml")
+        refused = None
+        try:  # packaging builds and gates the index where the size reaches the threshold
+            tag = package_model(state_uri, work / "bentoml",
+                                None if "ann" in args.methods else {"SMLREC_ANN": "off"})
+        except RuntimeError as exc:
+            if "AnnGateError" not in str(exc):
+                raise
+            refused = next((line for line in reversed(str(exc).splitlines())
+                            if "AnnGateError" in line), str(exc))
+            print(f"{label} packaging refused the index: {refused}", flush=True)
+            tag = package_model(state_uri, work / "bentoml", {"SMLREC_ANN": "off"})
         out["package_s"] = time.perf_counter() - t0
-        server = Server(work / "bentoml", args.workers, work / "server.log")
-        try:
-            server.start()
-            meta = server.post("/metadata", {})
-            production = meta.get("production") or {}
-            answers = {u: server.post("/recommend", {"user_id": u, "k": args.k,
-                                                      "exclude_seen": False})["items"]
-                       for u in probe}
-            out["server"] = {"model_tag": tag, "version": production.get("version"),
-                             "device": meta.get("device"), "n_items": production.get(
-                                 "n_items"), "startup_s": server.startup_s,
-                             "answers_match_inprocess": answers == expected,
-                             "env": {k: v for k, v in server.env.items()
-                                     if k.startswith(("SMLREC_", "BENTOML_CONFIG"))}}
-            print(f"{label} packaged {tag}; server ready in {server.startup_s:.1f} s on "
-                  f"{meta.get('device')}; answers match in-process: {answers == expected}",
-                  flush=True)
-            assert server.proc is not None
-            user_ids = [f"u{i}" for i in range(args.users)]
-            for c in args.concurrency:
-                r = loadgen.submit(run_load, server.url, user_ids, c, args.duration,
-                                   args.warmup, args.k, server.proc.pid, args.workers == 1,
-                                   args.seed, args.client).result()
-                out["http"].append(r)
-                lat = r["latency_ms"]
-                print(f"{label} HTTP concurrency {c:>3}: {r['requests_per_s']:>8,.0f} req/s, "
-                      f"p50 {_fmt(lat['p50'])} ms, p99 {_fmt(lat['p99'])} ms, "
-                      f"errors {r['errors']}, mean batch {_fmt(r['batching']['mean_batch'], '.2f')}"
-                      f", server CPU {r['server_cpu_pct']:.0f} %, "
-                      f"client CPU {r['client_cpu_pct']:.0f} %", flush=True)
-        except Exception:
-            print(f"{label} server log tail:\n{server.log_tail()}", file=sys.stderr)
-            raise
-        finally:
-            out["stop"] = server.stop()
-            print(f"{label} server stopped in {out['stop']['stop_s']:.1f} s "
-                  f"(clean: {out['stop']['clean']}, exit {out['stop']['returncode']})",
-                  flush=True)
+        name, _, version = tag.partition(":")
+        bundle = work / "bentoml" / "models" / name / version / "bundle"
+        has_index = (bundle / ann.INDEX_FILE).exists()
+        section: dict[str, Any] | None = None
+        ann_expected: dict[str, list[str]] = {}
+        if "ann" in args.methods:
+            report = (json.loads((bundle / ann.REPORT_FILE).read_text())
+                      if (bundle / ann.REPORT_FILE).exists() else None)
+            section = out["ann"] = {"report": report, "refused": refused, "inprocess": [],
+                                    "http": [], "comparison": []}
+            if report:
+                print(f"{label} index: {ann.AnnReport.from_dict(report).summary()}",
+                      flush=True)
+            if has_index:
+                served = ServedModel.from_bundle(str(bundle), info, device)
+                section["inprocess"] = bench_inprocess(served, args.batches, args.k,
+                                                       args.inproc_duration, args.seed, "ann")
+                _print_inprocess(label, "index", section["inprocess"])
+                ann_expected = {u: [served.item_ids[r] for r in top.rows] for u, top in zip(
+                    probe, served.topk(served.user[: len(probe)], [args.k] * len(probe)),
+                    strict=True)}
+                section["probe_overlap_with_exact"] = float(np.mean(
+                    [len(set(ann_expected[u]) & set(expected[u])) / args.k for u in probe]))
+                del served
+                gc.collect()
+        if "exact" in args.methods:
+            out["server"], out["stop"] = serve_rows(work, args, label, loadgen, tag,
+                                                    "exact", expected, out["http"])
+        if section is not None and has_index:
+            section["server"], section["stop"] = serve_rows(work, args, label, loadgen, tag,
+                                                            "ann", ann_expected,
+                                                            section["http"])
+            section["comparison"] = compare(section)
     out["comparison"] = compare(out)
     return out
+
+
+def _print_inprocess(label: str, method: str, rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        lat = r["batch_latency_ms"]
+        print(f"{label} in-process {method} batch {r['batch']:>3}: {r['queries_per_s']:>10,.0f}"
+              f" q/s, batch latency p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms",
+              flush=True)
+
+
+def serve_rows(work: Path, args: argparse.Namespace, label: str,
+               loadgen: ProcessPoolExecutor, tag: str, method: str,
+               expected: dict[str, list[str]], rows: list[dict[str, Any]]
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A server answering by ``method`` (``exact``: ``SMLREC_ANN=off``; ``ann``: through the
+    packaged index); its HTTP rows are appended to ``rows``. Returns (server, stop)."""
+    label = f"{label} [{method}]"
+    server = Server(work / "bentoml", args.workers, work / f"server-{method}.log",
+                    extra_env={"SMLREC_ANN": "off" if method == "exact" else "on"})
+    info: dict[str, Any] = {}
+    try:
+        server.start()
+        meta = server.post("/metadata", {})
+        production = meta.get("production") or {}
+        answers = {u: server.post("/recommend", {"user_id": u, "k": args.k,
+                                                  "exclude_seen": False})["items"]
+                   for u in expected}
+        top_k = production.get("top_k") or {}
+        info = {"model_tag": tag, "version": production.get("version"),
+                "device": meta.get("device"), "n_items": production.get("n_items"),
+                "top_k": top_k.get("method"), "startup_s": server.startup_s,
+                "answers_match_inprocess": answers == expected,
+                "env": {k: v for k, v in server.env.items()
+                        if k.startswith(("SMLREC_", "BENTOML_CONFIG"))}}
+        print(f"{label} packaged {tag}; server ready in {server.startup_s:.1f} s on "
+              f"{meta.get('device')}, top-k {top_k.get('method')}; answers match in-process: "
+              f"{answers == expected}", flush=True)
+        assert server.proc is not None
+        user_ids = [f"u{i}" for i in range(args.users)]
+        for c in args.concurrency:
+            r = loadgen.submit(run_load, server.url, user_ids, c, args.duration,
+                               args.warmup, args.k, server.proc.pid, args.workers == 1,
+                               args.seed, args.client).result()
+            rows.append({"method": method, **r})
+            lat = r["latency_ms"]
+            print(f"{label} HTTP concurrency {c:>3}: {r['requests_per_s']:>8,.0f} req/s, "
+                  f"p50 {_fmt(lat['p50'])} ms, p99 {_fmt(lat['p99'])} ms, "
+                  f"errors {r['errors']}, mean batch {_fmt(r['batching']['mean_batch'], '.2f')}"
+                  f", server CPU {r['server_cpu_pct']:.0f} %, "
+                  f"client CPU {r['client_cpu_pct']:.0f} %", flush=True)
+    except Exception:
+        print(f"{label} server log tail:\n{server.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        stop = server.stop()
+        print(f"{label} server stopped in {stop['stop_s']:.1f} s "
+              f"(clean: {stop['clean']}, exit {stop['returncode']})", flush=True)
+    return info, stop
 
 
 PACKAGE_COLD = ("import sys\n"
@@ -614,7 +708,7 @@ def verdicts(sizes: dict[str, dict[str, Any]], concurrency: list[int]) -> dict[s
          "met": r["latency_ms"]["p99"] is not None and r["latency_ms"]["p99"] < P99_TARGET_MS
          and r["errors"] == 0} for r in size["http"]]
     if not per_c:
-        status = f"not measured (no {P99_TARGET_ITEMS:,}-item run)"
+        status = f"not measured (no exact {P99_TARGET_ITEMS:,}-item HTTP run)"
     elif all(p["met"] for p in per_c):
         status = "MET at every concurrency"
     elif any(p["met"] for p in per_c):
@@ -629,14 +723,133 @@ def verdicts(sizes: dict[str, dict[str, Any]], concurrency: list[int]) -> dict[s
                "per_concurrency": per_c, "status": status,
                "line": f"Latency, p99 < {P99_TARGET_MS:.0f} ms at {P99_TARGET_ITEMS:,} items: "
                        f"**{status}**" + (f" ({'; '.join(parts)})." if parts else ".")}
-    return {"throughput": throughput, "p99": latency}
+    return {"throughput": throughput, "p99": latency, **ann_verdicts(sizes, c_target)}
 
 
-def comparison_table(sizes: dict[str, dict[str, Any]]) -> list[str]:
+def ann_verdicts(sizes: dict[str, dict[str, Any]], c_target: int) -> dict[str, Any]:
+    """With the index: at ``P99_TARGET_ITEMS`` items, HTTP at concurrency ``c_target`` over
+    the index's in-process ceiling at that batch >= ``RATIO_TARGET`` with p99 <=
+    ``P99_TARGET_MS``; at ``ANN_RATE_ITEMS`` items, >= ``ANN_RATE_TARGET`` req/s (the best
+    concurrency without errors) with recall@10 >= ``ANN_RECALL_TARGET``."""
+    def section(n: int) -> dict[str, Any] | None:
+        size = sizes.get(str(n))
+        return None if size is None else size.get("ann")
+
+    def absent(sec: dict[str, Any] | None, n: int) -> str | None:
+        if sec is None:
+            return f"not measured (no {n:,}-item run with the index)"
+        if sec.get("refused"):
+            return f"NOT MET: packaging refused the index ({sec['refused']})"
+        if not sec.get("http"):
+            return "not measured (no index built, or no HTTP rows)"
+        return None
+
+    sec = section(P99_TARGET_ITEMS)
+    status = absent(sec, P99_TARGET_ITEMS)
+    detail: dict[str, Any] = {}
+    if status is None and sec is not None:
+        row = next((r for r in sec["comparison"] if r["concurrency"] == c_target), None)
+        if row is None or row["ratio"] is None:
+            status = f"not measured (no concurrency {c_target} row with a batch {c_target} " \
+                     "ceiling)"
+        else:
+            http = next(r for r in sec["http"] if r["concurrency"] == c_target)
+            met = (row["ratio"] >= RATIO_TARGET and row["http_p99_ms"] is not None
+                   and row["http_p99_ms"] <= P99_TARGET_MS and http["errors"] == 0)
+            detail = {"ratio": row["ratio"], "p99_ms": row["http_p99_ms"], "met": met}
+            status = (f"{'MET' if met else 'NOT MET'} ({row['ratio']:.2f}x, p99 "
+                      f"{_fmt(row['http_p99_ms'])} ms, {http['errors']} errors)")
+    ratio = {"target": f"with the index at {P99_TARGET_ITEMS:,} items: HTTP at concurrency "
+                       f"{c_target} >= {RATIO_TARGET}x the index's in-process ceiling at batch "
+                       f"{c_target}, and p99 <= {P99_TARGET_MS:.0f} ms", **detail,
+             "status": status,
+             "line": f"Index at {P99_TARGET_ITEMS:,} items, HTTP at concurrency {c_target} >= "
+                     f"{RATIO_TARGET}x in-process and p99 <= {P99_TARGET_MS:.0f} ms: "
+                     f"**{status}**."}
+    sec = section(ANN_RATE_ITEMS)
+    status = absent(sec, ANN_RATE_ITEMS)
+    detail = {}
+    if status is None and sec is not None:
+        ok = [r for r in sec["http"] if r["errors"] == 0] or sec["http"]
+        best = max(ok, key=lambda r: r["requests_per_s"])
+        recall = (sec.get("report") or {}).get("recall_at_k")
+        met = (best["requests_per_s"] >= ANN_RATE_TARGET and recall is not None
+               and recall >= ANN_RECALL_TARGET and best["errors"] == 0)
+        detail = {"requests_per_s": best["requests_per_s"], "concurrency": best["concurrency"],
+                  "recall_at_10": recall, "met": met}
+        status = (f"{'MET' if met else 'NOT MET'} ({best['requests_per_s']:,.0f} req/s at "
+                  f"concurrency {best['concurrency']}, recall@10 {_fmt(recall, '.3f')})")
+    rate = {"target": f"with the index at {ANN_RATE_ITEMS:,} items: >= {ANN_RATE_TARGET:.0f} "
+                      f"HTTP req/s with recall@10 >= {ANN_RECALL_TARGET}", **detail,
+            "status": status,
+            "line": f"Index at {ANN_RATE_ITEMS:,} items, >= {ANN_RATE_TARGET:.0f} req/s at "
+                    f"recall@10 >= {ANN_RECALL_TARGET}: **{status}**."}
+    return {"ann_ratio_p99": ratio, "ann_rate": rate}
+
+
+def http_table(sizes: dict[str, dict[str, Any]], key: str, server: str) -> list[str]:
+    """The HTTP rows of each size's ``key`` list (``http``, or the ``ann`` section's)."""
+    lines = ["| items | concurrency | req/s | p50 (ms) | p99 (ms) | errors | mean micro-batch "
+             "| server CPU | client CPU | server start (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in sizes.values():
+        sec = s if key == "http" else (s.get("ann") or {})
+        for r in sec.get("http", []):
+            lat = r["latency_ms"]
+            lines.append(f"| {s['n_items']:,} | {r['concurrency']} | "
+                         f"{r['requests_per_s']:,.0f} | {_fmt(lat['p50'])} | "
+                         f"{_fmt(lat['p99'])} | {r['errors']} | "
+                         f"{_fmt(r['batching']['mean_batch'], '.2f')} | "
+                         f"{r['server_cpu_pct']:.0f} % | {r['client_cpu_pct']:.0f} % | "
+                         f"{(sec.get(server) or {}).get('startup_s', 0.0):.1f} |")
+    return lines
+
+
+def ann_markdown(sizes: dict[str, dict[str, Any]]) -> list[str]:
+    """The approximate top-k sections: index reports, in-process rows, HTTP rows."""
+    secs = [(s, s["ann"]) for s in sizes.values() if s.get("ann")]
+    if not secs:
+        return []
+    lines = ["## Approximate top-k (a FAISS index built and gated at packaging)", "",
+             "The index report from packaging: the setting chosen on sampled user rows (recall "
+             "against exact search; latency per query at batch 1, one thread), or why search "
+             "stays exact.", "",
+             "| items | method | kind | parameters | recall@10 | recall@100 | users | index "
+             "p50 / p99 (ms) | exact p50 / p99 (ms) | build (s) | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s, sec in secs:
+        r = sec.get("report") or {}
+        note = sec.get("refused") or ("" if r.get("method") == "ann" else r.get("reason", ""))
+        params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items()) or "—"
+        lines.append(f"| {s['n_items']:,} | {r.get('method', '—')} | {r.get('kind') or '—'} | "
+                     f"{params} | {_fmt(r.get('recall_at_k'), '.3f')} | "
+                     f"{_fmt(r.get('recall_at_k_large'), '.3f')} | {r.get('users', 0)} | "
+                     f"{_fmt(r.get('index_p50_ms'), '.3f')} / "
+                     f"{_fmt(r.get('index_p99_ms'), '.3f')} | "
+                     f"{_fmt(r.get('exact_p50_ms'), '.3f')} / "
+                     f"{_fmt(r.get('exact_p99_ms'), '.3f')} | {r.get('build_s', 0.0):.1f} "
+                     f"({r.get('measure_s', 0.0):.1f} measuring) | "
+                     f"{note} |")
+    lines += ["", "In-process with the index (the packaged model loaded back, "
+              "`ServedModel.topk`):", "",
+              "| items | batch | queries/s | batch latency mean (ms) | p50 (ms) | p99 (ms) |",
+              "|---|---|---|---|---|---|"]
+    for s, sec in secs:
+        for r in sec.get("inprocess", []):
+            lat = r["batch_latency_ms"]
+            lines.append(f"| {s['n_items']:,} | {r['batch']} | {r['queries_per_s']:,.0f} | "
+                         f"{lat['mean']:.3f} | {lat['p50']:.3f} | {lat['p99']:.3f} |")
+    lines += ["", "HTTP answered through the index:", "", *http_table(sizes, "ann", "server"),
+              "", "With the index, HTTP against its in-process ceiling:", "",
+              *comparison_table(sizes, "ann"), ""]
+    return lines
+
+
+def comparison_table(sizes: dict[str, dict[str, Any]], key: str = "") -> list[str]:
     lines = ["| items | concurrency = batch | in-process q/s | HTTP req/s | HTTP / in-process "
              "| HTTP p99 (ms) | mean micro-batch |", "|---|---|---|---|---|---|---|"]
     for s in sizes.values():
-        for r in s["comparison"]:
+        for r in ((s.get(key) or {}) if key else s).get("comparison", []):
             lines.append(f"| {s['n_items']:,} | {r['concurrency']} | "
                          f"{_fmt(r['inprocess_queries_per_s'], ',.0f')} | "
                          f"{r['http_requests_per_s']:,.0f} | {_fmt(r['ratio'], '.3f')} | "
@@ -652,9 +865,9 @@ def markdown(out: dict[str, Any]) -> str:
         f"Run {out['date']} on {hw['cpu']}, {hw['cpu_count']} cores (load average "
         f"{hw['loadavg_at_start']} at the start), torch {hw['torch']}, device "
         f"`{hw['device']}`, {hw['torch_threads']} torch thread(s) in-process and per worker, "
-        f"{st['workers']} service worker(s). Models: random float32 N(0, 1/d) embeddings, "
-        f"d = {st['dim']}, {st['users']:,} users (the values do not change the cost of a "
-        f"top-k). k = {st['k']}. The load generator shares the machine with the server. "
+        f"{st['workers']} service worker(s). Models: {st['embeddings']} embeddings, "
+        f"d = {st['dim']}, {st['users']:,} users (the values do not change the cost of an "
+        f"exact top-k). k = {st['k']}. The load generator shares the machine with the server. "
         f"Reproduce: `{st['command']}`.", "",
         "## In-process top-k (`ServedModel.topk`, the machine's ceiling)", "",
         f"{st['inproc_duration']:g} s per cell; latency is per batch call.", "",
@@ -677,18 +890,13 @@ def markdown(out: dict[str, Any]) -> str:
         "| items | concurrency | req/s | p50 (ms) | p99 (ms) | errors | mean micro-batch "
         "| server CPU | client CPU | server start (s) |",
         "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in sizes.values():
-        for r in s["http"]:
-            lat = r["latency_ms"]
-            lines.append(f"| {s['n_items']:,} | {r['concurrency']} | "
-                         f"{r['requests_per_s']:,.0f} | {_fmt(lat['p50'])} | "
-                         f"{_fmt(lat['p99'])} | {r['errors']} | "
-                         f"{_fmt(r['batching']['mean_batch'], '.2f')} | "
-                         f"{r['server_cpu_pct']:.0f} % | {r['client_cpu_pct']:.0f} % | "
-                         f"{s['server']['startup_s']:.1f} |")
-    lines += ["", "## HTTP against the in-process ceiling", "", *comparison_table(sizes), "",
-              "## Verdicts", "", f"- {out['verdicts']['throughput']['line']}",
-              f"- {out['verdicts']['p99']['line']}", ""]
+    lines += http_table(sizes, "http", "server")
+    lines += ["", "## HTTP against the in-process ceiling", "", *comparison_table(sizes), ""]
+    lines += ann_markdown(sizes)
+    lines += ["## Verdicts", "", f"- {out['verdicts']['throughput']['line']}",
+              f"- {out['verdicts']['p99']['line']}",
+              *(f"- {out['verdicts'][key]['line']}" for key in ("ann_ratio_p99", "ann_rate")
+                if key in out["verdicts"]), ""]
     cold = out.get("cold")
     if cold:
         lines += ["## The cold path (users the model does not know, answered by MeLU)", "",
@@ -704,7 +912,7 @@ def markdown(out: dict[str, Any]) -> str:
                          f"{r['server_cpu_pct']:.0f} % |")
         lines.append("")
     mismatched = [s["n_items"] for s in sizes.values()
-                  if not s["server"]["answers_match_inprocess"]]
+                  if not (s.get("server") or {}).get("answers_match_inprocess", True)]
     lines.append("Checks: the service's answers for three users matched the in-process top-k "
                  + ("at every size." if not mismatched else
                     f"except at {', '.join(f'{n:,}' for n in mismatched)} items."))
@@ -735,6 +943,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-cold", action="store_true",
                     help="skip the cold path (new users answered by MeLU, concurrency 1 and "
                     "8, on MovieLens-100k's items)")
+    ap.add_argument("--methods", type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
+                    default=list(METHODS),
+                    help="top-k methods to measure, comma-separated (default exact,ann; ann: "
+                    "the index packaging builds from SMLREC_ANN_MIN_ITEMS items on)")
+    ap.add_argument("--embeddings", choices=["clustered", "random"], default="clustered",
+                    help="synthetic embeddings (default clustered: around shared centres, as "
+                    "trained ones group; random: isotropic N(0, 1/d), an index's worst case)")
     ap.add_argument("--users", type=int, default=10_000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--k", type=int, default=10)
@@ -746,6 +961,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.inproc_duration = min(3.0, args.duration)
     if not args.sizes or not args.concurrency or not args.batches:
         ap.error("--sizes, --concurrency and --batches need at least one value")
+    if not args.methods or set(args.methods) - set(METHODS):
+        ap.error(f"--methods takes {','.join(METHODS)}, not {','.join(args.methods)}")
     if min(args.sizes) < args.k or args.workers < 1 or args.duration <= 0:
         ap.error("sizes must be >= k, --workers >= 1 and --duration > 0")
     return args
@@ -767,10 +984,18 @@ def main(argv: list[str] | None = None) -> None:
                      "warmup": args.warmup, "inproc_duration": args.inproc_duration,
                      "workers": args.workers, "client": args.client, "users": args.users,
                      "dim": args.dim, "k": args.k, "seed": args.seed,
-                     "embeddings": "random float32 N(0, 1/d)",
+                     "embeddings": ("random float32 N(0, 1/d)" if args.embeddings == "random"
+                                    else f"clustered float32 ({CLUSTERS:,} N(0, 1/d) centres "
+                                    "+ N(0, 1/d) noise)"),
+                     "methods": args.methods,
+                     "ann_settings": {k: v for k, v in ann.AnnSettings.from_env().__dict__
+                                      .items() if k in ("min_items", "recall", "budget_ms",
+                                                        "users", "kinds")},
                      "command": command.strip()},
         "targets": {"ratio_at_concurrency_32": RATIO_TARGET,
-                    "p99_ms_at_100k_items": P99_TARGET_MS},
+                    "p99_ms_at_100k_items": P99_TARGET_MS,
+                    "ann_requests_per_s_at_1m_items": ANN_RATE_TARGET,
+                    "ann_recall_at_10": ANN_RECALL_TARGET},
         "sizes": {}}
     print(f"{hw['cpu']}, {hw['cpu_count']} cores (load average {hw['loadavg_at_start']}), "
           f"torch {hw['torch']}, device {device}, {torch.get_num_threads()} torch thread(s), "
@@ -802,6 +1027,10 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(out["verdicts"]["throughput"]["line"].replace("**", ""))
     print(out["verdicts"]["p99"]["line"].replace("**", ""))
+    if "ann" in args.methods:
+        print("\n".join(comparison_table(out["sizes"], "ann")))
+        print(out["verdicts"]["ann_ratio_p99"]["line"].replace("**", ""))
+        print(out["verdicts"]["ann_rate"]["line"].replace("**", ""))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(out, indent=2) + "\n")
     (args.out / "serving.md").write_text(markdown(out))

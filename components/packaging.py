@@ -6,6 +6,27 @@ the newest candidates, which the service gives to its canary share of users. Eac
 a bundle (safetensors weights ``user`` / ``item``: the tables the strategy serves, U' =
 [U, 1] and V' = [V, λ·log1p(pop)] where it blends; the id vocabularies, the period's most
 popular items, a sha256 manifest) labelled with stage, period and strategy.
+
+Large catalogues get an approximate top-k index (``smlrec.ann``): from
+``SMLREC_ANN_MIN_ITEMS`` items on, a FAISS inner-product index is built over the served item
+table, measured against exact search on a sample of the model's user rows, and gated: a
+model whose index misses the recall or the latency budget is refused (``AnnGateError``)
+before anything is written to the model store. The index (``ann.faiss``) and its report
+(``ann.json``, also in the model's metadata as ``ann``) travel in the bundle; below the
+threshold the report says search is exact. Settings, from the environment:
+
+==========================  ==========================================================
+``SMLREC_ANN``              ``off``: build no index (exact search); default on
+``SMLREC_ANN_MIN_ITEMS``    items from which an index is built (default 50000)
+``SMLREC_ANN_RECALL``       recall@10 and recall@100 the index must reach, against
+                            exact search on the sampled users (default 0.95)
+``SMLREC_ANN_BUDGET_MS``    largest p99 latency of one query at batch 1 (default 10)
+``SMLREC_ANN_USERS``        user rows sampled to measure on (default 500)
+``SMLREC_ANN_KINDS``        index kinds to try, comma-separated (default
+                            ``ivf_flat,hnsw_flat``; HNSW only up to 200,000 items)
+``SMLREC_THREADS``          FAISS (and torch) threads while measuring (default 1, as
+                            one service worker)
+==========================  ==========================================================
 """
 
 from __future__ import annotations
@@ -14,6 +35,7 @@ import json
 import os
 from typing import Any
 
+from smlrec import ann
 from smlrec.errors import SmlrecError
 from smlrec.faults import failpoint
 from smlrec.io import save_bundle
@@ -81,6 +103,9 @@ def package(state_uri: str, stage: str = "production", decided_in: str | None = 
     cold_t, cold_meta, cold_files = cold_parts(store, tensors, meta, data_uri, items, period,
                                                decided_in)
     metadata["cold_path"] = cold_meta.get("cold_path", "")
+    # Built and gated before the model store is touched: a refusal leaves nothing behind.
+    ann_files, report = ann_parts(tensors[ukey][: len(users)], tensors[ikey][: len(items)])
+    metadata["ann"] = json.dumps(report)
     fresh = load_config(store).freshness
     with bentoml.models.create(name, labels={"stage": stage, "period": period,
                                              "strategy": strategy},
@@ -92,10 +117,29 @@ def package(state_uri: str, stage: str = "production", decided_in: str | None = 
                      **({"freshness": fresh.model_dump()} if fresh else {})},
                     {"vocab_users.json": users.to_json().encode(),
                      "vocab_items.json": items.to_json().encode(),
-                     "popular.json": json.dumps(popular).encode(), **cold_files})
+                     "popular.json": json.dumps(popular).encode(), **cold_files,
+                     **ann_files})
         failpoint("package.inside", stage)  # BentoML commits the model when the block exits
     store.record_package({**record, "tag": str(model.tag)})
     return str(model.tag)
+
+
+def ann_parts(user: Any, item: Any) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The bundle files of the approximate top-k index for the served ``item`` table (the
+    index, where one is built, and its report) and the report; ``AnnGateError`` when the
+    index fails its gate. Settings from ``SMLREC_ANN*`` (module docstring)."""
+    if not ann.enabled():
+        report = ann.AnnReport(method="exact", n_items=int(item.shape[0]),
+                               dim=int(item.shape[1]),
+                               reason="SMLREC_ANN=off at packaging: exact search").to_dict()
+        return {ann.REPORT_FILE: json.dumps(report).encode()}, report
+    index, built = ann.build(item, user, ann.AnnSettings.from_env())
+    ann.gate(built)
+    report = built.to_dict()
+    files = {ann.REPORT_FILE: json.dumps(report, indent=2).encode()}
+    if index is not None:
+        files[ann.INDEX_FILE] = index.to_bytes()
+    return files, report
 
 
 def cold_parts(store: StateStore, tensors: dict, meta: dict, data_uri: str, items: Any,

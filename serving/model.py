@@ -4,6 +4,12 @@ Pure torch (no BentoML here), so the same code is timed in-process by the servin
 and called by the HTTP service. A :class:`ServedModel` is immutable once built: a hot swap
 replaces the whole object, and a request that took a reference keeps a consistent model to
 the end.
+
+Top-k is exact (one matrix product over every item) unless the bundle ships an approximate
+index (``smlrec.ann``, built and gated at packaging for large catalogues): then
+:meth:`ServedModel.topk` answers from one batched index search, and exactly for requests
+larger than the k the index was measured at and for queries left short by their exclusions.
+``SMLREC_ANN=off`` forces exact search. ``ServedModel.ann_info`` says which answers.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 import torch
 
+from smlrec import ann
 from smlrec.coldstart import META_KEY, SERVE_PREFIX, ServedMeLU
 from smlrec.io import load_bundle
 from smlrec.vocab import Vocab
@@ -76,7 +83,8 @@ class ServedModel:
     def __init__(self, user: torch.Tensor, item: torch.Tensor, users: Vocab, items: Vocab,
                  info: ModelInfo, popular: Sequence[str] = (), device: torch.device | str = "cpu",
                  prior_column: bool = False, melu: ServedMeLU | None = None,
-                 freshness: dict[str, Any] | None = None):
+                 freshness: dict[str, Any] | None = None, index: ann.AnnIndex | None = None,
+                 exact_reason: str = ""):
         if user.ndim != 2 or item.ndim != 2 or user.shape[1] != item.shape[1]:
             raise ValueError(f"embedding shapes do not match: user {tuple(user.shape)}, "
                              f"item {tuple(item.shape)}")
@@ -98,6 +106,14 @@ class ServedModel:
         self.melu = melu if melu is not None and melu.path == "melu" else None
         # The run configuration's per-event settings (``freshness:``), packaged with it.
         self.freshness: dict[str, Any] = dict(freshness or {})
+        # The approximate index shipped with the model (None: exact search, for the reason
+        # ``exact_reason`` gives); its rows are the item rows, built over the same table.
+        self.index = index
+        self.exact_reason = exact_reason or "no approximate index in the package"
+        if index is not None and (index.ntotal != self.n_items or index.dim != self.dim):
+            self.exact_reason = (f"the index ({index.ntotal} x {index.dim}) does not match "
+                                 f"the item table ({self.n_items} x {self.dim})")
+            self.index = None
 
     # ------------------------------------------------------------------ loading
 
@@ -116,10 +132,12 @@ class ServedModel:
                        strategy=strategy)
         melu = (ServedMeLU(tensors, meta, files, device)
                 if f"{SERVE_PREFIX}user" in tensors and META_KEY in meta else None)
+        index, exact_reason = load_index(files, device)
         return cls(tensors[user_key], tensors[item_key],
                    Vocab.from_json(files["vocab_users.json"].decode()),
                    Vocab.from_json(files["vocab_items.json"].decode()),
-                   info, popular, device, prior_column, melu, meta.get("freshness"))
+                   info, popular, device, prior_column, melu, meta.get("freshness"), index,
+                   exact_reason)
 
     # ------------------------------------------------------------------ lookups
 
@@ -184,7 +202,22 @@ class ServedModel:
         Fewer than k items come back only when the catalogue (minus exclusions) is smaller.
         """
         queries = queries.to(self.device, torch.float32).reshape(-1, self.dim)
-        return _top(queries @ self.item.T, ks, exclude)
+        if self.index is None or not len(ks) or max(ks) > self.index.max_k:
+            return _top(queries @ self.item.T, ks, exclude)
+        exclude = list(exclude) + [[]] * (len(ks) - len(exclude))
+        found = self.index.search(queries, ks, exclude)
+        short = [i for i, f in enumerate(found) if f is None]
+        exact = iter(_top(queries[short] @ self.item.T, [ks[i] for i in short],
+                          [exclude[i] for i in short]) if short else [])
+        return [next(exact) if f is None else TopK(f[0], f[1]) for f in found]
+
+    @property
+    def ann_info(self) -> dict[str, Any]:
+        """Which top-k answers: ``{"method": "ann", kind, params, recall, latency, counts}``
+        from the packaged index, or ``{"method": "exact", "reason": ...}``."""
+        if self.index is None:
+            return {"method": "exact", "reason": self.exact_reason}
+        return self.index.describe()
 
     @torch.inference_mode()
     def score(self, query: torch.Tensor, item_rows: Sequence[int]) -> list[float]:
@@ -217,7 +250,20 @@ class ServedModel:
                 "loaded_at": iso_time(self.info.loaded_at), "n_users": self.n_users,
                 "n_items": self.n_items, "dim": self.dim, "device": str(self.device),
                 "cold_path": "melu" if self.melu is not None else "mean embedding of recent "
-                "items"}
+                "items", "top_k": self.ann_info}
+
+
+def load_index(files: dict[str, bytes], device: torch.device | str = "cpu"
+               ) -> tuple[ann.AnnIndex | None, str]:
+    """The bundle's approximate index (``ann.faiss`` with its report ``ann.json``), or None
+    and why search stays exact (none packaged, or ``SMLREC_ANN=off``)."""
+    report = json.loads(files[ann.REPORT_FILE]) if ann.REPORT_FILE in files else None
+    if ann.INDEX_FILE not in files or report is None:
+        reason = (report or {}).get("reason") or "no approximate index in the package"
+        return None, str(reason)
+    if not ann.enabled():
+        return None, "SMLREC_ANN=off: exact search forced"
+    return ann.AnnIndex.from_bytes(files[ann.INDEX_FILE], report, device), ""
 
 
 def _top(scores: torch.Tensor, ks: Sequence[int], exclude: Sequence[Sequence[int]]
