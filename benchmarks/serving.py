@@ -25,6 +25,8 @@ quarter of its lists, slower than exact search), where the packaging gate refuse
    or transport error), the service's mean micro-batch (deltas of ``/metadata`` batching
    counters; one worker only) and the CPU used by the server's processes and by the load
    generator over the measured window (100 % = one core).
+   Then bodies of many known users (``--batch-users``, 100 and 1,000 per body, at
+   ``--batch-concurrency`` 4): users ranked per second.
 3. The cold path (``--no-cold`` skips it, ``--cold-only`` runs only it): users the model
    does not know, each with 3 recent items, answered by MeLU adapted per request (path
    ``melu``), at concurrency 1 and 8, on MovieLens-100k's items and side features.
@@ -305,12 +307,13 @@ class Server:
 def run_load(url: str, user_ids: list[str], concurrency: int, duration: float,
              warmup: float, k: int, server_pid: int, single_worker: bool, seed: int,
              client: str, recent_pool: list[str] | None = None, feedback: int = 0,
-             rate: float = 0.0) -> dict[str, Any]:
+             rate: float = 0.0, users_per_request: int = 0) -> dict[str, Any]:
     """Closed-loop load (runs in the load-generator process); returns the measured figures.
     ``feedback`` > 0: ``POST /feedback`` with that many events per request (items from
     ``recent_pool``) instead of /recommend. ``rate`` > 0: requests paced to that many per
     second in all (each loop waits for its next slot; open loop while the service keeps
-    up) instead of as fast as answers come."""
+    up) instead of as fast as answers come. ``users_per_request`` > 0: /recommend bodies
+    carrying that many users (``users``) instead of one."""
     try:
         import uvloop
 
@@ -319,7 +322,8 @@ def run_load(url: str, user_ids: list[str], concurrency: int, duration: float,
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
         out = runner.run(_load(url, user_ids, concurrency, duration, warmup, k, server_pid,
-                               single_worker, seed, client, recent_pool, feedback, rate))
+                               single_worker, seed, client, recent_pool, feedback, rate,
+                               users_per_request))
     out["client"] = f"{client} on {'uvloop' if factory else 'asyncio'}"
     return out
 
@@ -376,7 +380,8 @@ def _cpu_seconds(procs: list[Any]) -> float:
 async def _load(url: str, user_ids: list[str], concurrency: int, duration: float,
                 warmup: float, k: int, server_pid: int, single_worker: bool,
                 seed: int, client: str, recent_pool: list[str] | None = None,
-                feedback: int = 0, rate: float = 0.0) -> dict[str, Any]:
+                feedback: int = 0, rate: float = 0.0, users_per_request: int = 0
+                ) -> dict[str, Any]:
     import psutil
 
     done: list[tuple[float, float, str]] = []  # (start, end, "200" or what went wrong)
@@ -396,6 +401,10 @@ async def _load(url: str, user_ids: list[str], concurrency: int, duration: float
                 route, body = "/feedback", {"events": [
                     {"user_id": rng.choice(user_ids), "item_id": rng.choice(recent_pool),
                      "timestamp": now} for _ in range(feedback)]}
+            elif users_per_request:  # one body, many users
+                body = {"users": [{"user_id": u} for u in rng.sample(user_ids,
+                                                                      users_per_request)],
+                        "k": k, "exclude_seen": False}
             elif recent_pool:  # a user the model does not know, with a few recent items
                 body["user_id"] = f"new-{i}-{len(done)}"
                 body["recent_items"] = rng.sample(recent_pool, 3)
@@ -434,6 +443,9 @@ async def _load(url: str, user_ids: list[str], concurrency: int, duration: float
             "ok": len(ok), "requests_per_s": len(ok) / seconds,
             **({"events_per_request": feedback, "events_per_s": feedback * len(ok) / seconds}
                if feedback else {}),
+            **({"users_per_request": users_per_request,
+                "users_per_s": users_per_request * len(ok) / seconds}
+               if users_per_request else {}),
             "latency_ms": _pcts(ok), "errors": sum(errors.values()),
             "error_kinds": dict(errors.most_common(5)),
             "errors_in_warmup_or_tail": sum(1 for _, _, o in done if o != "200")
@@ -518,11 +530,13 @@ def run_size(n_items: int, args: argparse.Namespace, device: torch.device,
                 gc.collect()
         if "exact" in args.methods:
             out["server"], out["stop"] = serve_rows(work, args, label, loadgen, tag,
-                                                    "exact", expected, out["http"])
+                                                    "exact", expected, out["http"],
+                                                    out.setdefault("batched", []))
         if section is not None and has_index:
             section["server"], section["stop"] = serve_rows(work, args, label, loadgen, tag,
                                                             "ann", ann_expected,
-                                                            section["http"])
+                                                            section["http"],
+                                                            section.setdefault("batched", []))
             section["comparison"] = compare(section)
     out["comparison"] = compare(out)
     return out
@@ -538,10 +552,11 @@ def _print_inprocess(label: str, method: str, rows: list[dict[str, Any]]) -> Non
 
 def serve_rows(work: Path, args: argparse.Namespace, label: str,
                loadgen: ProcessPoolExecutor, tag: str, method: str,
-               expected: dict[str, list[str]], rows: list[dict[str, Any]]
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
+               expected: dict[str, list[str]], rows: list[dict[str, Any]],
+               batched: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A server answering by ``method`` (``exact``: ``SMLREC_ANN=off``; ``ann``: through the
-    packaged index); its HTTP rows are appended to ``rows``. Returns (server, stop)."""
+    packaged index); its one-user HTTP rows are appended to ``rows``, its many-user rows
+    (``--batch-users``) to ``batched``. Returns (server, stop)."""
     label = f"{label} [{method}]"
     server = Server(work / "bentoml", args.workers, work / f"server-{method}.log",
                     extra_env={"SMLREC_ANN": "off" if method == "exact" else "on"})
@@ -576,6 +591,17 @@ def serve_rows(work: Path, args: argparse.Namespace, label: str,
                   f"errors {r['errors']}, mean batch {_fmt(r['batching']['mean_batch'], '.2f')}"
                   f", server CPU {r['server_cpu_pct']:.0f} %, "
                   f"client CPU {r['client_cpu_pct']:.0f} %", flush=True)
+        for n in [b for b in args.batch_users if b > 0]:  # many users per body
+            r = loadgen.submit(run_load, server.url, user_ids, args.batch_concurrency,
+                               args.duration, args.warmup, args.k, server.proc.pid,
+                               args.workers == 1, args.seed, args.client,
+                               users_per_request=n).result()
+            batched.append({"method": method, **r})
+            lat = r["latency_ms"]
+            print(f"{label} HTTP {n} users per body, concurrency {args.batch_concurrency}: "
+                  f"{r['users_per_s']:>9,.0f} users/s ({r['requests_per_s']:,.1f} req/s), "
+                  f"p50 {_fmt(lat['p50'])} ms, p99 {_fmt(lat['p99'])} ms, "
+                  f"errors {r['errors']}", flush=True)
     except Exception:
         print(f"{label} server log tail:\n{server.log_tail()}", file=sys.stderr)
         raise
@@ -805,6 +831,26 @@ def http_table(sizes: dict[str, dict[str, Any]], key: str, server: str) -> list[
     return lines
 
 
+def batched_markdown(sizes: dict[str, dict[str, Any]]) -> list[str]:
+    """The many-user bodies: users ranked per second."""
+    rows = [(s, r) for s in sizes.values()
+            for r in [*s.get("batched", []), *(s.get("ann") or {}).get("batched", [])]]
+    if not rows:
+        return []
+    lines = ["## Many users per body (`POST /recommend {users: [...]}`)", "",
+             "Each body carries n known users, ranked with one top-k per served model; closed "
+             "loop at the stated concurrency.", "",
+             "| items | top-k | users per body | concurrency | users/s | bodies/s | p50 (ms) "
+             "| p99 (ms) | errors | server CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s, r in rows:
+        lat = r["latency_ms"]
+        lines.append(f"| {s['n_items']:,} | {r['method']} | {r['users_per_request']:,} | "
+                     f"{r['concurrency']} | {r['users_per_s']:,.0f} | "
+                     f"{r['requests_per_s']:,.1f} | {_fmt(lat['p50'])} | {_fmt(lat['p99'])} | "
+                     f"{r['errors']} | {r['server_cpu_pct']:.0f} % |")
+    return [*lines, ""]
+
+
 def ann_markdown(sizes: dict[str, dict[str, Any]]) -> list[str]:
     """The approximate top-k sections: index reports, in-process rows, HTTP rows."""
     secs = [(s, s["ann"]) for s in sizes.values() if s.get("ann")]
@@ -893,6 +939,7 @@ def markdown(out: dict[str, Any]) -> str:
     lines += http_table(sizes, "http", "server")
     lines += ["", "## HTTP against the in-process ceiling", "", *comparison_table(sizes), ""]
     lines += ann_markdown(sizes)
+    lines += batched_markdown(sizes)
     lines += ["## Verdicts", "", f"- {out['verdicts']['throughput']['line']}",
               f"- {out['verdicts']['p99']['line']}",
               *(f"- {out['verdicts'][key]['line']}" for key in ("ann_ratio_p99", "ann_rate")
@@ -925,6 +972,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="catalogue sizes, comma-separated (default 1700,100000,1000000)")
     ap.add_argument("--concurrency", type=_ints, default=[1, 8, 32],
                     help="HTTP closed-loop concurrencies (default 1,8,32)")
+    ap.add_argument("--batch-users", type=_ints, default=[100, 1000],
+                    help="users per /recommend body for the many-user rows (default 100,1000;"
+                    " 0: none)")
+    ap.add_argument("--batch-concurrency", type=int, default=4,
+                    help="closed-loop concurrency of the many-user rows (default 4)")
     ap.add_argument("--batches", type=_ints, default=[1, 8, 32],
                     help="in-process batch sizes (default 1,8,32)")
     ap.add_argument("--duration", type=float, default=10.0,
