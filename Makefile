@@ -94,7 +94,7 @@ reliability: setup
 ## rewrites configs/<dataset>.yaml from its validation choices), the cold-start track (adds
 ## the cold-start model chosen on validation to those files), the freshness replay (adds the
 ## per-event user update chosen on validation to configs/ml-100k.yaml), one daily run, serving,
-## POST /feedback under load.
+## POST /feedback under load, the retraining cost curve over 100 periods (about 20 min).
 bench: setup
 	$(PY) -m benchmarks.backtest --no-progress
 	$(PY) -m benchmarks.cold_start --no-progress
@@ -102,6 +102,7 @@ bench: setup
 	$(PY) -m benchmarks.daily_run
 	$(PY) -m benchmarks.serving
 	$(PY) -m benchmarks.feedback
+	$(PY) -m benchmarks.cost_curve
 
 ## The API for 60 s at the highest load this machine sustains, with a hot swap half-way
 ## (benchmarks/results/soak.json and the load_* figures of reliability.json).
