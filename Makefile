@@ -11,7 +11,7 @@ OUT ?= runs/backtest-ml100k
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run serve bento image screenshot backtest test reliability bench study soak audit lint fmt clean
+.PHONY: setup run serve bento image image-local screenshot backtest test reliability bench study soak audit lint fmt clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,12 @@ IMAGE ?= localhost:5000/smlrec:0.1.0
 image:
 	docker build -t $(IMAGE) .
 	docker push $(IMAGE)
+
+## The pipeline image without a Docker engine (as root: buildah on a Debian bookworm base made
+## with mmdebstrap), with one pipeline step run from it offline; size and layers in
+## benchmarks/results/image.md.
+image-local:
+	pipelines/build_image.sh localhost/smlrec:0.1.0
 
 ## docs/report.png: runs/report.html (written by `make run`) in headless Chromium (Debian's
 ## chromium package: `apt-get install chromium`).
