@@ -87,9 +87,29 @@ study: setup
 	$(PY) -m benchmarks.sml_study --method sml --trials 40
 	$(PY) -m benchmarks.sml_study --method window --trials 30
 
-test: setup
+test: setup services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
+
+## The servers tests/test_cluster.py starts (Debian's redis-server and PostgreSQL), installed
+## from Debian's registry only when their programs are missing (as root, or through sudo).
+SERVICE_PACKAGES := redis-server postgresql
+.PHONY: services
+services:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	  || missing="$$missing postgresql"; \
+	[ -z "$$missing" ] && exit 0; \
+	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); log=$$(mktemp); \
+	echo "installing Debian packages:$$missing"; \
+	if ! { $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install \
+	       -y -q --no-install-recommends $$missing; } >$$log 2>&1; then \
+	  tail -n 20 $$log; rm -f $$log; \
+	  echo "make services: could not install$$missing with apt-get; install them by hand" \
+	       "(apt-get install -y --no-install-recommends $(SERVICE_PACKAGES))" >&2; \
+	  exit 1; \
+	fi; rm -f $$log
 
 ## The test suite, recording its reliability counters (bad inputs stopped, faults survived,
 ## fuzz cases) in benchmarks/results/reliability.json; `make test` leaves the tree as it was.

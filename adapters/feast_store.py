@@ -55,7 +55,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -78,7 +77,7 @@ from fsspec.spec import AbstractFileSystem
 
 from smlrec import features as F
 from smlrec.faults import failpoint
-from smlrec.io import atomic_write
+from smlrec.io import atomic_write, url_fs
 from smlrec.schema import ITEM, USER
 
 PROJECT = "smlrec"
@@ -247,8 +246,9 @@ def _exec_file(file: Path) -> ModuleType:
 
 
 def _fs(url: str) -> tuple[AbstractFileSystem, str]:
-    """Return the filesystem and the path inside it for a local path or fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(str(url))
+    """Return the filesystem (no listings cache: ``smlrec.io.url_fs``) and the path inside it
+    for a local path or fsspec URL."""
+    fs, path = url_fs(url)
     return fs, path.rstrip("/")
 
 

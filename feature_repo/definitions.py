@@ -12,6 +12,11 @@ mode and a cluster:
 - ``SMLREC_FEATURE_DATA``: the folder (or ``s3://`` / ``gs://`` URL) holding one Parquet
   file per source. Default ``data``, which Feast resolves against this folder
   (``feature_repo/data``).
+- ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``: an S3-compatible endpoint (MinIO, Ceph...)
+  for ``s3://`` sources, given to each source as its ``s3_endpoint_override``. boto3 and s3fs
+  read these variables themselves, but Feast's file offline store builds its
+  ``pyarrow.fs.S3FileSystem`` from the source's override alone and would go to AWS. The
+  override is kept with the sources in the registry.
 
 Feature service versions: a model version is trained on ``model_vN`` and served with
 ``serving_vN``. To add a version, declare new ``FeatureService`` objects at the end of this
@@ -28,6 +33,14 @@ from feast.types import Array, Float32, Float64, Int64, String, UnixTimestamp
 
 FEATURE_DATA = os.environ.get("SMLREC_FEATURE_DATA", "data").rstrip("/")
 """Folder or URL of the Parquet sources (``$SMLREC_FEATURE_DATA``, default ``data``)."""
+
+S3_ENDPOINT = (
+    os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    if FEATURE_DATA.startswith("s3://")
+    else None
+)
+"""The S3 endpoint of ``s3://`` sources (``$AWS_ENDPOINT_URL_S3``, ``$AWS_ENDPOINT_URL``);
+None: AWS's own."""
 
 PERIOD_TTL = timedelta(days=400)
 """How long a period's aggregates stay valid in point-in-time joins. Longer than the
@@ -47,6 +60,7 @@ def _source(name: str, description: str) -> FileSource:
         path=f"{FEATURE_DATA}/{name}.parquet",
         timestamp_field=TIMESTAMP,
         description=description,
+        s3_endpoint_override=S3_ENDPOINT,
     )
 
 

@@ -72,7 +72,7 @@ def run_daily(period: str, data_uri: str, state_uri: str, work_dir: str,
             check_closed(period, spec)
         except ValueError as exc:
             raise SmlrecError(str(exc)) from None
-    feature_data = feature_data or str(Path(_abs(state_uri)) / "features")
+    feature_data = feature_data or f"{_abs(state_uri).rstrip('/')}/features"
     start, wall_start = time.perf_counter(), time.time()
     with store.lock(f"daily {period}"):
         init_local(work_dir)

@@ -25,9 +25,19 @@ from smlrec.faults import failpoint
 MANIFEST = "manifest.json"
 
 
-def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(str(url))
-    return fs, path
+def url_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path inside it for a local path or fsspec URL (``s3://``...),
+    without a listings cache.
+
+    Other processes (the pipeline's tasks, other pods, the service) write the same stores.
+    An object store's filesystem (s3fs, gcsfs) with its default cache answers later
+    listings and ``exists()`` from the first listing it made, for the life of the process: a
+    new period, bundle or lock is not seen, and a rewritten pointer fails to open
+    (``FileExpired``). Every store module opens its filesystem here."""
+    return fsspec.core.url_to_fs(str(url), use_listings_cache=False)
+
+
+_fs = url_fs
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import fsspec
 import torch
 
 from smlrec.errors import IntegrityError, SmlrecError
@@ -39,6 +38,7 @@ from smlrec.io import (
     read_bytes,
     read_json,
     save_bundle,
+    url_fs,
     verify_bundle,
     write_bytes_atomic,
     write_json_atomic,
@@ -81,7 +81,7 @@ class StateStore:
 
     def __init__(self, uri: str):
         self.uri = str(uri).rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.fs, self.root = url_fs(self.uri)  # no listings cache: others write it
 
     # ---------------------------------------------------------------- bundles
 

@@ -21,7 +21,6 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,7 +28,7 @@ from fsspec.spec import AbstractFileSystem
 
 from smlrec.data.periods import parse_period
 from smlrec.errors import DataError
-from smlrec.io import atomic_write
+from smlrec.io import atomic_write, url_fs
 from smlrec.schema import ITEM, PERIOD, RATING, REQUIRED, TS, USER
 
 INTERACTIONS_DIR = "interactions"
@@ -42,8 +41,9 @@ _SIDE_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
 def _fs(root: str) -> tuple[AbstractFileSystem, str]:
-    """Return the filesystem and the path inside it for a root path or URL."""
-    fs, path = fsspec.core.url_to_fs(str(root))
+    """Return the filesystem (no listings cache: ``smlrec.io.url_fs``) and the path inside it
+    for a root path or URL."""
+    fs, path = url_fs(root)
     return fs, path.rstrip("/")
 
 

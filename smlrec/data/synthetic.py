@@ -31,7 +31,6 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 
@@ -43,6 +42,7 @@ from smlrec.data.store import (
     write_interactions,
     write_side_table,
 )
+from smlrec.io import url_fs
 from smlrec.schema import ITEM, PERIOD, TS, USER
 
 NAME = "synthetic"
@@ -286,7 +286,7 @@ def generate_side_tables(
 
 def _remove_side_tables(root: str) -> None:
     """Delete the ``users`` and ``items`` side tables stored at ``root``, if any."""
-    fs, path = fsspec.core.url_to_fs(root)
+    fs, path = url_fs(root)
     for name in SIDE_TABLES:
         file = f"{path.rstrip('/')}/{SIDE_DIR}/{name}.parquet"
         if fs.exists(file):
