@@ -26,9 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,6 +57,24 @@ def _wait(ready, proc: subprocess.Popen | None, name: str, log: Path) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{name} not ready after {START_TIMEOUT_S:.0f} s:\n{_tail(log)}")
+
+
+@contextlib.contextmanager
+def _process(name: str, argv: Callable[[Path], list[str]], ready: Callable[[], Any]
+             ) -> Iterator[None]:
+    """``argv(folder)`` started in a new temporary folder (its output in ``<name>.log``
+    there) and waited for until ``ready()`` answers; stopped and the folder removed after."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"smlrec-{name}-"))
+    log = tmp / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv(tmp), stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
+                                start_new_session=True)
+    try:
+        _wait(ready, proc, name, log)
+        yield
+    finally:
+        _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _tail(log: Path, n: int = 30) -> str:
@@ -112,18 +131,10 @@ def run_s3() -> Iterator[S3]:
     import moto
 
     port = free_port()
-    tmp = Path(tempfile.mkdtemp(prefix="smlrec-s3-"))
-    log = tmp / "moto.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
     server = S3(f"http://127.0.0.1:{port}", f"moto {moto.__version__}")
-    try:
-        _wait(lambda: server.client().list_buckets() is not None, proc, "moto_server", log)
+    with _process("moto_server", lambda tmp: [str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                  lambda: server.client().list_buckets() is not None):
         yield server
-    finally:
-        _stop(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------- Redis
@@ -157,19 +168,12 @@ def run_redis() -> Iterator[Redis]:
     version = next((w.removeprefix("v=") for w in version.split() if w.startswith("v=")),
                    version.strip())
     port = free_port()
-    tmp = Path(tempfile.mkdtemp(prefix="smlrec-redis-"))
-    log = tmp / "redis.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", str(tmp)], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
     server = Redis(port, f"redis-server {version}")
-    try:
-        _wait(lambda: server.client().ping(), proc, "redis-server", log)
+    with _process("redis-server", lambda tmp: [exe, "--port", str(port), "--bind", "127.0.0.1",
+                                               "--save", "", "--appendonly", "no",
+                                               "--dir", str(tmp)],
+                  lambda: server.client().ping()):
         yield server
-    finally:
-        _stop(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
