@@ -30,6 +30,8 @@ from smlrec.io import load_bundle
 from smlrec.vocab import Vocab
 
 STAGES = ("production", "candidate")
+SCORE_CELLS = 1 << 25
+"""Most cells (queries x items) of one exact score matrix: 128 MiB of float32."""
 
 
 def iso_time(seconds: float) -> str | None:
@@ -202,14 +204,24 @@ class ServedModel:
         Fewer than k items come back only when the catalogue (minus exclusions) is smaller.
         """
         queries = queries.to(self.device, torch.float32).reshape(-1, self.dim)
-        if self.index is None or not len(ks) or max(ks) > self.index.max_k:
-            return _top(queries @ self.item.T, ks, exclude)
         exclude = list(exclude) + [[]] * (len(ks) - len(exclude))
+        if self.index is None or not len(ks) or max(ks) > self.index.max_k:
+            return self._exact(queries, ks, exclude)
         found = self.index.search(queries, ks, exclude)
         short = [i for i, f in enumerate(found) if f is None]
-        exact = iter(_top(queries[short] @ self.item.T, [ks[i] for i in short],
-                          [exclude[i] for i in short]) if short else [])
+        exact = iter(self._exact(queries[short], [ks[i] for i in short],
+                                 [exclude[i] for i in short]) if short else [])
         return [next(exact) if f is None else TopK(f[0], f[1]) for f in found]
+
+    def _exact(self, queries: torch.Tensor, ks: Sequence[int],
+               exclude: Sequence[Sequence[int]]) -> list[TopK]:
+        """Exact top-k by matrix product, in chunks of queries whose score matrix stays
+        within ``SCORE_CELLS`` (many users at 10^6 items would need gigabytes at once)."""
+        step = max(1, SCORE_CELLS // max(1, self.n_items))
+        out: list[TopK] = []
+        for s in range(0, len(ks), step):
+            out += _top(queries[s:s + step] @ self.item.T, ks[s:s + step], exclude[s:s + step])
+        return out
 
     @property
     def ann_info(self) -> dict[str, Any]:

@@ -36,6 +36,15 @@ def test_topk_is_the_full_ranking_with_exclusions() -> None:
     assert got[0].scores == sorted(got[0].scores, reverse=True)
 
 
+def test_exact_topk_in_chunks_equals_one_product(monkeypatch) -> None:
+    m = _model()
+    q = torch.randn(7, m.dim, generator=torch.Generator().manual_seed(1))
+    ex = [[0, 1], [], [2], [], [], [3, 4, 5], []]
+    whole = m.topk(q, [4] * 7, ex)
+    monkeypatch.setattr("serving.model.SCORE_CELLS", 2 * m.n_items)  # two queries a chunk
+    assert [t.rows for t in m.topk(q, [4] * 7, ex)] == [t.rows for t in whole]
+
+
 def test_topk_returns_fewer_when_the_catalogue_is_exhausted() -> None:
     m = _model(n_items=6)
     got = m.topk(m.user_vector(0).unsqueeze(0), [10], exclude=[[0, 1, 2]])
