@@ -344,6 +344,25 @@ def _build(items: np.ndarray, user: torch.Tensor | np.ndarray, s: AnnSettings,
     return AnnIndex(index, report), report
 
 
+def refusal(item: torch.Tensor | np.ndarray, user: torch.Tensor | np.ndarray,
+            settings: AnnSettings | None = None) -> str | None:
+    """Why packaging would refuse the index of the served table ``item`` (measured on
+    ``user`` rows as packaging measures it), or None: it passes, exact search applies, or
+    ``SMLREC_ANN`` is off. The daily gate asks before it promotes, so that a model whose
+    index would be refused is never recorded as production."""
+    if not enabled():
+        return None
+    s = settings or AnnSettings.from_env()
+    if len(item) < s.min_items:
+        return None
+    _, report = build(item, user, s)
+    try:
+        gate(report)
+    except AnnGateError as exc:
+        return str(exc)
+    return None
+
+
 def gate(report: AnnReport) -> AnnReport:
     """``report`` when it passed; :class:`AnnGateError` (naming why) when it did not."""
     if not report.passed:

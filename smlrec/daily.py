@@ -348,6 +348,15 @@ def gate(data_root: str, store: StateStore, period_id: str, cfg: DailyConfig) ->
     result = decide({n: scores[n] for n in names}, incumbent, scores["popularity"],
                     cfg.tolerance, vs_incumbent={n: v["ci95"] for n, v in vs_incumbent.items()}
                     if prod_id != cand_id else None)
+    if result.accept:  # what packaging would refuse is not promoted
+        from smlrec import ann  # FAISS: loaded by the gate task only
+
+        w = models[result.strategy][0]
+        why = ann.refusal(w.item[: len(c_items)], w.user[: len(c_users)])
+        if why is not None:
+            result.reasons = [f"reject: {result.strategy} would be promoted, but {why}; the "
+                              "incumbent keeps serving", *result.reasons[1:]]
+            result.accept, result.strategy = False, None
     cold = None
     if cfg.cold is not None and c_meta.get(coldstart.META_KEY):
         serve = result.strategy or result.best or names[0]

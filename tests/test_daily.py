@@ -101,6 +101,21 @@ def test_a_worse_candidate_is_rejected_and_the_incumbent_kept(booted, stream, tm
     assert chain_base(store) == periods[6]
 
 
+def test_a_candidate_whose_index_packaging_would_refuse_is_not_promoted(booted, stream,
+                                                                        tmp_path, monkeypatch):
+    """An approximate top-k index that misses its gate (here: no latency is within a 0 ms
+    budget) turns the promotion into a reject, before anything is recorded as production."""
+    store, periods = booted
+    monkeypatch.setenv("SMLREC_ANN_MIN_ITEMS", "10")  # index even this small catalogue
+    monkeypatch.setenv("SMLREC_ANN_BUDGET_MS", "0")
+    monkeypatch.setenv("SMLREC_ANN_KINDS", "ivf_flat")
+    out = run_period(stream, store, periods[6], CFG, str(tmp_path / "work"))
+    assert out["gate"]["decision"] == "reject"
+    assert "approximate top-k index refused" in out["gate"]["reasons"][0]
+    assert store.get_pointer("production") is None
+    assert store.decisions()[-1]["decision"] == "reject"
+
+
 def test_a_corrupt_candidate_is_refused_and_nothing_moves(booted, stream, tmp_path):
     store, periods = booted
     blob = tmp_path / "state" / "periods" / periods[5] / "weights.safetensors"
