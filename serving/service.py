@@ -72,6 +72,7 @@ import gc
 import logging
 import os
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -231,9 +232,17 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 50, 1_000)
 
 
+_SERVED_BY: weakref.WeakKeyDictionary[ServedModel, ServedBy] = weakref.WeakKeyDictionary()
+
+
 def _served_by(model: ServedModel) -> ServedBy:
-    return ServedBy(stage=model.info.stage, version=model.info.version, period=model.info.period,
-                    strategy=model.info.strategy)
+    """The answer's ``model`` part: made once per loaded model (a model is immutable)."""
+    served = _SERVED_BY.get(model)
+    if served is None:
+        served = _SERVED_BY[model] = ServedBy(
+            stage=model.info.stage, version=model.info.version, period=model.info.period,
+            strategy=model.info.strategy)
+    return served
 
 
 def _cache_stats(cache: TTLCache[Any, Any]) -> dict[str, int]:
