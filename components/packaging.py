@@ -12,9 +12,10 @@ Large catalogues get an approximate top-k index (``smlrec.ann``): from
 table, measured against exact search on a sample of the model's user rows, and gated: a
 model whose index misses the recall or the latency budget is refused (``AnnGateError``)
 before anything is written to the model store (and the daily gate, ``smlrec.daily.gate``,
-measured the same before promoting it, so production never names such a model). The index (``ann.faiss``) and its report
-(``ann.json``, also in the model's metadata as ``ann``) travel in the bundle; below the
-threshold the report says search is exact. Settings, from the environment:
+measured the same before promoting it, so production never names such a model). The index
+(``ann.faiss``) and its report (``ann.json``, also in the model's metadata as ``ann``)
+travel in the bundle; below the threshold the report says search is exact. Settings, from
+the environment:
 
 ==========================  ==========================================================
 ``SMLREC_ANN``              ``off``: build no index (exact search); default on
