@@ -103,8 +103,9 @@ services:
 	[ -z "$$missing" ] && exit 0; \
 	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); log=$$(mktemp); \
 	echo "installing Debian packages:$$missing"; \
-	if ! { $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install \
-	       -y -q --no-install-recommends $$missing; } >$$log 2>&1; then \
+	install="$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	  --no-install-recommends $$missing"; \
+	if ! { $$install || { $$sudo apt-get update -q && $$install; }; } >$$log 2>&1; then \
 	  tail -n 20 $$log; rm -f $$log; \
 	  echo "make services: could not install$$missing with apt-get; install them by hand" \
 	       "(apt-get install -y --no-install-recommends $(SERVICE_PACKAGES))" >&2; \
