@@ -130,13 +130,7 @@ def ann_parts(user: Any, item: Any) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The bundle files of the approximate top-k index for the served ``item`` table (the
     index, where one is built, and its report) and the report; ``AnnGateError`` when the
     index fails its gate. Settings from ``SMLREC_ANN*`` (module docstring)."""
-    if not ann.enabled():
-        report = ann.AnnReport(method="exact", n_items=int(item.shape[0]),
-                               dim=int(item.shape[1]),
-                               reason="SMLREC_ANN=off at packaging: exact search").to_dict()
-        return {ann.REPORT_FILE: json.dumps(report).encode()}, report
-    index, built = ann.build(item, user, ann.AnnSettings.from_env())
-    ann.gate(built)
+    index, built = ann.prepare(item, user)
     report = built.to_dict()
     files = {ann.REPORT_FILE: json.dumps(report, indent=2).encode()}
     if index is not None:

@@ -344,20 +344,27 @@ def _build(items: np.ndarray, user: torch.Tensor | np.ndarray, s: AnnSettings,
     return AnnIndex(index, report), report
 
 
+def prepare(item: torch.Tensor | np.ndarray, user: torch.Tensor | np.ndarray,
+            settings: AnnSettings | None = None) -> tuple[AnnIndex | None, AnnReport]:
+    """What packaging ships for the served table ``item``: the index and its report, or
+    None and why search stays exact (a small catalogue, or ``SMLREC_ANN`` off); settings
+    from ``SMLREC_ANN_*`` unless given. :class:`AnnGateError` when the index fails its
+    gate."""
+    if not enabled():
+        return None, AnnReport(method="exact", n_items=int(item.shape[0]),
+                               dim=int(item.shape[1]),
+                               reason="SMLREC_ANN=off at packaging: exact search")
+    index, report = build(item, user, settings or AnnSettings.from_env())
+    return index, gate(report)
+
+
 def refusal(item: torch.Tensor | np.ndarray, user: torch.Tensor | np.ndarray,
             settings: AnnSettings | None = None) -> str | None:
-    """Why packaging would refuse the index of the served table ``item`` (measured on
-    ``user`` rows as packaging measures it), or None: it passes, exact search applies, or
-    ``SMLREC_ANN`` is off. The daily gate asks before it promotes, so that a model whose
-    index would be refused is never recorded as production."""
-    if not enabled():
-        return None
-    s = settings or AnnSettings.from_env()
-    if len(item) < s.min_items:
-        return None
-    _, report = build(item, user, s)
+    """Why packaging (:func:`prepare`) would refuse the index of the served table ``item``,
+    or None. The daily gate asks before it promotes, so that a model whose index would be
+    refused is never recorded as production."""
     try:
-        gate(report)
+        prepare(item, user, settings)
     except AnnGateError as exc:
         return str(exc)
     return None
