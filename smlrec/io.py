@@ -37,8 +37,6 @@ def url_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(str(url), use_listings_cache=False)
 
 
-_fs = url_fs
-
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -76,7 +74,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str,
 
 def write_bytes_atomic(url: str, data: bytes) -> str:
     """Write ``data`` to ``url`` atomically (see ``atomic_write``). Returns its sha256."""
-    fs, path = _fs(url)
+    fs, path = url_fs(url)
 
     def write(fh: Any) -> None:
         half = len(data) // 2
@@ -90,7 +88,7 @@ def write_bytes_atomic(url: str, data: bytes) -> str:
 
 
 def read_bytes(url: str) -> bytes:
-    fs, path = _fs(url)
+    fs, path = url_fs(url)
     with fs.open(path, "rb") as fh:
         return fh.read()
 
