@@ -537,11 +537,10 @@ class Recommender:
         known = model is not None and model.user_row(req.user_id) is not None
         return self.updater.enabled or req.exclude_seen or not (known or req.recent_items)
 
-    async def _plan(self, req: RecommendRequest, state: UserState | None,
-                    feast_recent: list[str]) -> _Plan:
-        """How one user is answered: the model, query vector (None: popular items), path,
-        the recent items not used and the item rows to leave out."""
-        model = self._model_for(req.user_id)
+    async def _plan(self, req: RecommendRequest, model: ServedModel | None,
+                    state: UserState | None, feast_recent: list[str]) -> _Plan:
+        """How one user is answered by ``model`` (``_model_for``): the query vector (None:
+        popular items), path, the recent items not used and the item rows to leave out."""
         query, path, ignored = (
             (None, "popular", list(req.recent_items or [])) if model is None
             else await self._query(model, req.user_id, req.recent_items, feast_recent, state))
@@ -570,9 +569,9 @@ class Recommender:
             fallback=plan.path not in ("user", "fresh"), ignored_items=plan.ignored)
 
     async def _recommend(self, req: RecommendRequest) -> RecommendResponse:
-        state, feast_recent = await self._state(
-            req.user_id, self._needs_state(self._model_for(req.user_id), req))
-        plan = await self._plan(req, state, feast_recent)
+        model = self._model_for(req.user_id)
+        state, feast_recent = await self._state(req.user_id, self._needs_state(model, req))
+        plan = await self._plan(req, model, state, feast_recent)
         if plan.query is None or plan.model is None:
             return await self._popular(plan)
         if plan.path == "melu":  # the query is already every item's score
@@ -585,10 +584,12 @@ class Recommender:
         """Many users at once: their states in one online read, new users' MeLU adaptations
         micro-batched together, and one top-k per served model for every ranked user (in a
         thread: a large product must not hold up the event loop)."""
-        needed = [self._needs_state(self._model_for(r.user_id), r) for r in reqs]
-        states = await self._states([r.user_id for r in reqs], needed)
-        plans = await asyncio.gather(*(self._plan(r, *st) for r, st in
-                                       zip(reqs, states, strict=True)))
+        models = [self._model_for(r.user_id) for r in reqs]
+        states = await self._states([r.user_id for r in reqs],
+                                    [self._needs_state(m, r) for m, r in zip(models, reqs,
+                                                                             strict=True)])
+        plans = await asyncio.gather(*(self._plan(r, m, *st) for r, m, st in
+                                       zip(reqs, models, states, strict=True)))
         ranked = [i for i, p in enumerate(plans)
                   if p.query is not None and p.model is not None and p.path != "melu"]
         tops = await asyncio.to_thread(_rank_batch, [
